@@ -1,0 +1,306 @@
+"""The whole pipeline as one function: input -> reference -> mask -> inpaint -> flat -> calibrated.
+
+:func:`run` is what ``aiflat-local run`` calls. Every output is written into a
+hidden staging folder inside OUTDIR and moved into place only when all of them
+are complete, so a failed run leaves OUTDIR as it was (apart from an empty
+staging folder being removed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import __version__
+from .errors import InputError, OutputError
+from .flat import FlatParams, FlatResult, build_flat, inpaint_region
+from .io import check_writable_dir, detect_format, read_image, read_mask, write_fits, write_mask, write_tiff, write_xisf
+
+OUTPUTS_VIDEO = [
+    "reference.fits", "mask.png", "mask_soft.fits", "inpainted.fits", "flat.fits", "flat.tif",
+    "flat.xisf", "calibrated.ser", "report.json", "report.html", "overlay.png",
+]
+
+
+@dataclass
+class RunOptions:
+    """Everything that shapes a run (recorded in ``report.json``)."""
+
+    masker: str = "classical"
+    masker_options: dict[str, Any] = field(default_factory=dict)
+    inpainter: str = "harmonic"
+    inpainter_options: dict[str, Any] = field(default_factory=dict)
+    mask_path: str | None = None  # use this mask instead of running a masker
+    flat: FlatParams = field(default_factory=FlatParams)
+    frame_start: int = 0
+    frame_stop: int | None = None
+    frame_step: int = 1
+    max_memory_mb: int = 256
+    device: str = "cpu"
+    calibrate: bool = True
+    tiff_scale: str = "half"  # "half": unity stored at 0.5 (float32); "unity16": 65535 = 1.0
+    byteorder: str = "auto"
+    progress: bool = True
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that shaped an output (provenance)."""
+    import astropy
+    import scipy
+
+    return {
+        "aiflat_local": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "astropy": astropy.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def to_mono(image: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` -> ``(H, W)`` channel mean (float32); 2-D images unchanged."""
+    return image.mean(axis=2, dtype=np.float64).astype(np.float32) if image.ndim == 3 else image
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        t = time.perf_counter()
+        yield
+        self.times[name] = round(time.perf_counter() - t, 3)
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.t0, 3)
+
+
+def compute_mask(reference: np.ndarray, options: RunOptions, frames: Any = None):
+    """Run the chosen masker (or read ``options.mask_path``) -> (bool mask, report dict)."""
+    from .masks import MASKERS
+
+    if options.mask_path:
+        mask = read_mask(options.mask_path)
+        if mask.shape != reference.shape:
+            raise InputError(
+                f"{options.mask_path}: mask is {mask.shape[1]} x {mask.shape[0]} but the image is "
+                f"{reference.shape[1]} x {reference.shape[0]}"
+            )
+        return mask, {"backend": "file", "params": {"path": str(options.mask_path)}, "objects": []}
+    masker = MASKERS.create(options.masker, **options.masker_options)
+    result = masker(reference, frames=frames)
+    return result.binary, {"backend": options.masker, "params": result.params, "objects": result.objects}
+
+
+def check_mask(mask: np.ndarray, warnings: list[str]) -> None:
+    """Refuse a mask that covers everything; note one that finds nothing."""
+    if mask.all():
+        raise InputError("the dust mask covers the whole image: there is no clean pixel to build a flat from")
+    if not mask.any():
+        warnings.append("no dust found: the flat is exactly 1.0 everywhere")
+
+
+def make_flat(reference: np.ndarray, mask: np.ndarray, options: RunOptions) -> tuple[FlatResult, np.ndarray, dict]:
+    """Inpaint the soft mask's support and build the flat -> (flat result, inpainted, inpaint report)."""
+    from .inpaint import INPAINTERS
+
+    region = inpaint_region(mask, options.flat)
+    if region.all():
+        raise InputError("the expanded dust mask covers the whole image: nothing to inpaint from")
+    if region.any():
+        inpainter = INPAINTERS.create(options.inpainter, **options.inpainter_options)
+        result = inpainter(reference, region)
+        inpainted, info = result.image, {"backend": options.inpainter, "params": result.params}
+    else:
+        inpainted, info = reference.copy(), {"backend": options.inpainter, "params": {}, "skipped": "empty mask"}
+    flat = build_flat(reference, mask, inpainted=inpainted, params=options.flat)
+    return flat, inpainted, info
+
+
+def flat_for_tiff(flat: np.ndarray, tiff_scale: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The flat as stored in ``flat.tif``: float32 with unity 0.5, or uint16 with 65535 = 1.0."""
+    if tiff_scale == "half":
+        return (flat * np.float32(0.5)).astype(np.float32), {"unity": 0.5, "dtype": "float32"}
+    if tiff_scale == "unity16":
+        over = int(np.count_nonzero(flat > 1.0))
+        data = np.round(np.clip(flat, 0.0, 1.0) * 65535.0).astype(np.uint16)
+        return data, {"unity": 65535, "dtype": "uint16", "n_clipped_above_unity": over}
+    raise ValueError(f"tiff_scale must be 'half' or 'unity16', not {tiff_scale!r}")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default), encoding="utf-8")
+
+
+def run(input_path: str | os.PathLike, outdir: str | os.PathLike, options: RunOptions | None = None,
+        log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Run the whole pipeline on a SER video or a single image; returns the report dict.
+
+    Outputs (see DESIGN.md): reference.fits, mask.png, mask_soft.fits,
+    inpainted.fits, flat.fits, flat.tif, flat.xisf, calibrated.ser (video) or
+    calibrated.fits (image), report.json, report.html, overlay.png (+ flat.png,
+    corrected.png used by the HTML page).
+    """
+    from .calibrate import calibrate_image, calibrate_ser
+    from .reference import balance_cfa, temporal_median
+    from .io.ser import SerReader
+    from .report import write_report_files
+
+    options = options or RunOptions()
+    input_path = Path(input_path)
+    outdir = Path(outdir)
+    fmt = detect_format(input_path)
+    check_writable_dir(outdir)
+    timer = _Timer()
+    warnings: list[str] = []
+    report: dict[str, Any] = {
+        "tool": "aiflat-local",
+        "versions": versions(),
+        "parameters": json.loads(json.dumps(asdict(options), default=_json_default)),
+        "warnings": warnings,
+        "weights": {},
+    }
+
+    reader = None
+    try:
+        with timer.step("reference"):
+            if fmt == "ser":
+                reader = SerReader(input_path, byteorder=options.byteorder)
+                warnings.extend(reader.warnings)
+                log(f"reference: temporal median of {reader.n_frames} frames "
+                    f"({reader.width} x {reader.height}, {reader.header.color_name}, {reader.dtype})")
+                raw_reference = temporal_median(
+                    reader, start=options.frame_start, stop=options.frame_stop, step=options.frame_step,
+                    max_memory_mb=options.max_memory_mb, progress=options.progress,
+                )
+                n_used = len(range(*slice(options.frame_start, options.frame_stop, options.frame_step).indices(reader.n_frames)))
+                report["input"] = {
+                    "path": str(input_path), "format": "ser", "width": reader.width, "height": reader.height,
+                    "n_frames": reader.n_frames, "color": reader.header.color_name, "dtype": str(reader.dtype),
+                    "byteorder": reader.byteorder, "timestamps": reader.timestamps is not None,
+                }
+                report["reference"] = {"method": "temporal median (exact)", "n_frames_used": n_used,
+                                       "start": options.frame_start, "stop": options.frame_stop,
+                                       "step": options.frame_step}
+            else:
+                raw_reference, info = read_image(input_path)
+                report["input"] = {"path": str(input_path), "format": fmt, "width": raw_reference.shape[1],
+                                   "height": raw_reference.shape[0], "dtype": info.dtype,
+                                   "channels": 1 if raw_reference.ndim == 2 else 3}
+                report["reference"] = {"method": "the input image itself", "n_frames_used": 1}
+            reference = to_mono(raw_reference)
+            if reader is not None and reader.is_mosaic:
+                reference = balance_cfa(reference, reader.header.color_id)
+                report["reference"]["cfa_balanced"] = True
+
+        log(f"mask: {options.masker if not options.mask_path else options.mask_path}")
+        with timer.step("mask"):
+            mask, mask_info = compute_mask(reference, options, frames=reader)
+            check_mask(mask, warnings)
+        from scipy import ndimage
+
+        n_objects = int(ndimage.label(mask, structure=np.ones((3, 3)))[1])
+        report["mask"] = {**mask_info, "n_pixels": int(mask.sum()), "n_objects": n_objects,
+                          "fraction": float(mask.mean())}
+
+        log(f"inpaint + flat: {options.inpainter}")
+        with timer.step("inpaint_and_flat"):
+            flat, inpainted, inpaint_info = make_flat(reference, mask, options)
+        report["inpaint"] = inpaint_info
+        report["flat"] = flat.stats
+
+        staging = Path(tempfile.mkdtemp(prefix=".aiflat-partial-", dir=outdir))
+        try:
+            with timer.step("calibrate"):
+                if options.calibrate:
+                    if reader is not None:
+                        log("calibrate: dividing every frame by the flat")
+                        stats = calibrate_ser(input_path, flat.flat, staging / "calibrated.ser",
+                                              progress=options.progress)
+                    else:
+                        image, info = read_image(input_path)
+                        out, stats = calibrate_image(image, flat.flat, dtype=np.dtype(info.dtype))
+                        write_fits(staging / "calibrated.fits", out, _fits_provenance(report))
+                    report["calibration"] = stats.to_dict()
+            with timer.step("write"):
+                _write_outputs(staging, report, raw_reference, reference, mask, flat, inpainted, options)
+                report["timings_s"] = {**timer.times, "total": timer.total()}
+                write_report_files(staging, report, reference, mask, flat.soft_mask, flat.flat)
+                report["outputs"] = sorted(p.name for p in staging.iterdir()) + ["report.json"]
+                write_json(staging / "report.json", report)
+            protect = {input_path.resolve()}
+            for p in sorted(staging.iterdir()):
+                target = outdir / p.name
+                if target.resolve() in protect:
+                    raise OutputError(f"refusing to overwrite the input file {target}")
+            for p in sorted(staging.iterdir()):
+                os.replace(p, outdir / p.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        if reader is not None:
+            reader.close()
+    return report
+
+
+def _fits_provenance(report: dict[str, Any]) -> dict[str, Any]:
+    mask = report.get("mask", {})
+    return {
+        "CREATOR": f"aiflat-local {__version__}",
+        "MASKER": mask.get("backend", ""),
+        "INPAINT": report.get("inpaint", {}).get("backend", ""),
+        "EXPANDPX": report["parameters"]["flat"]["expand_px"],
+        "SIGMAPX": report["parameters"]["flat"]["sigma_px"],
+        "NFRAMES": report.get("reference", {}).get("n_frames_used", 1),
+    }
+
+
+def _write_outputs(staging: Path, report: dict[str, Any], raw_reference: np.ndarray, reference: np.ndarray,
+                   mask: np.ndarray, flat: FlatResult, inpainted: np.ndarray, options: RunOptions) -> None:
+    prov = _fits_provenance(report)
+    write_fits(staging / "reference.fits", raw_reference, {**prov, "IMAGETYP": "reference"})
+    write_mask(staging / "mask.png", mask)
+    write_fits(staging / "mask_soft.fits", flat.soft_mask, {**prov, "IMAGETYP": "soft mask"})
+    write_fits(staging / "inpainted.fits", inpainted, {**prov, "IMAGETYP": "inpainted"})
+    write_fits(staging / "flat.fits", flat.flat, {**prov, "IMAGETYP": "flat", "UNITY": 1.0})
+    tif, tif_info = flat_for_tiff(flat.flat, options.tiff_scale)
+    write_tiff(staging / "flat.tif", tif,
+               description=f"aiflat-local flat; unity = {tif_info['unity']}; top row first")
+    write_xisf(staging / "flat.xisf", (flat.flat * np.float32(0.5)).astype(np.float32),
+               properties={**prov, "UNITY": 0.5})
+    report["flat_files"] = {
+        "flat.fits": {"dtype": "float32", "unity": 1.0, "row_order": "BOTTOM-UP (FITS convention)"},
+        "flat.tif": {**tif_info, "row_order": "top row first"},
+        "flat.xisf": {"dtype": "float32", "unity": 0.5, "row_order": "top row first"},
+    }
+
+
+def default_log(message: str) -> None:
+    print(message, file=sys.stderr)
