@@ -47,12 +47,12 @@ from .io.ser import MOSAIC_IDS, SerReader
 __all__ = ["temporal_median", "read_reference", "balance_cfa", "reference_to_mono"]
 
 #: Target size of one tile's pixel-major buffer. Tiles of a few MiB keep the
-#: transposing copy and the partition inside the CPU caches (measured: 8 rows of
-#: 1920 x 200 frames, 6 MiB, copies about three times faster per sample than
-#: 32 rows). Lowered further when ``max_memory_mb`` asks for less.
-_TARGET_TILE_BYTES = 6 * 2**20
+#: transposing copy and the partition in the CPU caches: on a 1920 x 1200 x 200
+#: uint16 video, 1-4 MiB tiles ran 1.5-2x faster than 6-12 MiB ones (2-core
+#: AMD EPYC, numpy 2.4). Lowered further when ``max_memory_mb`` asks for less.
+_TARGET_TILE_BYTES = 2 * 2**20
 #: Target size of one frame-chunk slab copied into a tile in one numpy call.
-_TARGET_SLAB_BYTES = 256 * 2**10
+_TARGET_SLAB_BYTES = 512 * 2**10
 
 
 def _frame_indices(n_total: int, start: int, stop: int | None, step: int, where: str) -> range:

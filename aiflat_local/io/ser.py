@@ -102,9 +102,10 @@ class SerHeader:
 def parse_header(raw: bytes, path: str | os.PathLike = "<bytes>") -> SerHeader:
     """Parse and validate a SER header; raise :class:`InputError` on anything malformed."""
     if len(raw) < HEADER_SIZE:
-        if raw[:14] == FILE_ID or len(raw) < 14 and FILE_ID.startswith(raw):
+        if raw[:14] == FILE_ID or 0 < len(raw) < 14 and FILE_ID.startswith(raw):
             raise InputError(f"{path}: truncated SER header ({len(raw)} of {HEADER_SIZE} bytes)")
-        raise InputError(f"{path}: not a SER file (too short, no LUCAM-RECORDER signature)")
+        what = "empty file" if not raw else "too short, no LUCAM-RECORDER signature"
+        raise InputError(f"{path}: not a SER file ({what})")
     fields = _HEADER_STRUCT.unpack(raw[:HEADER_SIZE])
     if fields[0] != FILE_ID:
         raise InputError(f"{path}: not a SER file (no LUCAM-RECORDER signature)")
