@@ -67,7 +67,7 @@ def cli() -> None:
 @click.option("--tiff-scale", type=click.Choice(["half", "unity16"]), default="half", show_default=True,
               help="flat.tif: float32 with unity 0.5 (PixInsight-safe) or the original tool's uint16 65535 = 1.0.")
 @click.option("--no-calibrate", is_flag=True, help="Build the flat but do not write calibrated frames.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", is_flag=True, help="No progress bars or step messages (warnings and errors still shown).")
 def run(input_path, outdir, masker, mask_path, inpainter, expand_px, sigma_px, frame_start, frame_stop,
         frame_step, max_memory_mb, device, tiff_scale, no_calibrate, quiet):
     """Build a dust flat for INPUT (a SER video or an image) and calibrate it."""
@@ -80,7 +80,7 @@ def run(input_path, outdir, masker, mask_path, inpainter, expand_px, sigma_px, f
         frame_stop=frame_stop, frame_step=frame_step, max_memory_mb=max_memory_mb, device=device,
         calibrate=not no_calibrate, tiff_scale=tiff_scale, progress=not quiet,
     )
-    report = run_pipeline(input_path, outdir, options, log=_log)
+    report = run_pipeline(input_path, outdir, options, log=(lambda s: None) if quiet else _log)
     for w in report["warnings"]:
         _log(f"warning: {w}")
     flat = report["flat"]

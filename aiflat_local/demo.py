@@ -50,14 +50,21 @@ def score_run(run_dir: Path, sim_dir: Path, min_depth: float = 0.10) -> dict[str
     }
 
 
+def demo_config(seed: int):
+    """The demo's simulated video: 640 x 480, 32 frames, drift and seeing jitter."""
+    from .synth import SimConfig
+
+    return SimConfig(seed=seed)
+
+
 def run_demo(outdir: str | Path, *, seed: int = 0, progress: bool = True,
              log: Callable[[str], None] = lambda s: None) -> str:
     """Simulate into ``OUTDIR/sim``, run the pipeline into ``OUTDIR/run``, score; returns a summary."""
     from .pipeline import RunOptions, run, write_json
-    from .synth import SimConfig, simulate
+    from .synth import simulate
 
     outdir = Path(outdir)
-    config = SimConfig(seed=seed)
+    config = demo_config(seed)
     log(f"simulating a {config.width} x {config.height}, {config.n_frames}-frame dusty video (seed {seed})")
     paths = simulate(outdir / "sim", config, progress=progress)
     run(paths.video, outdir / "run", RunOptions(progress=progress), log=log)

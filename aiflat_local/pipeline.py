@@ -106,6 +106,22 @@ def compute_mask(reference: np.ndarray, options: RunOptions, frames: Any = None)
     return result.binary, {"backend": options.masker, "params": result.params, "objects": result.objects}
 
 
+def check_options(input_path: Path, outdir: Path, options: RunOptions) -> None:
+    """Fail fast, before any work: unknown backends, a missing mask file, an output onto the input."""
+    from .inpaint import INPAINTERS
+    from .masks import MASKERS
+
+    if options.mask_path is None:
+        MASKERS.info(options.masker)
+    elif not Path(options.mask_path).is_file():
+        raise InputError(f"{options.mask_path}: no such mask file")
+    INPAINTERS.info(options.inpainter)
+    target_names = OUTPUTS_VIDEO + ["calibrated.fits", "flat.png", "corrected.png"]
+    for name in target_names:
+        if (outdir / name).exists() and (outdir / name).resolve() == input_path.resolve():
+            raise OutputError(f"refusing to overwrite the input file {input_path} (choose another output directory)")
+
+
 def check_mask(mask: np.ndarray, warnings: list[str]) -> None:
     """Refuse a mask that covers everything; note one that finds nothing."""
     if mask.all():
@@ -177,6 +193,7 @@ def run(input_path: str | os.PathLike, outdir: str | os.PathLike, options: RunOp
     input_path = Path(input_path)
     outdir = Path(outdir)
     fmt = detect_format(input_path)
+    check_options(input_path, outdir, options)
     check_writable_dir(outdir)
     timer = _Timer()
     warnings: list[str] = []

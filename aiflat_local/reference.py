@@ -9,17 +9,18 @@ How it is computed
 The original cloud tool read every frame into a Python list and called
 ``np.median(np.array(frames), axis=0)``: about three copies of the whole video
 in memory and a partition along a strided axis. Here the frame rectangle is cut
-into *tiles* (bands of whole rows, or pieces of one row for very long videos),
-and each tile is read across all selected frames straight from the memory-mapped
-SER into a pixel-major buffer ``(pixels, frames)``. That buffer is partitioned
-in place along its contiguous last axis (numpy's single-``kth`` partition,
-which is SIMD-accelerated on x86), and the median is read off it. Tiles run on
-a small thread pool: numpy releases the GIL while copying and partitioning, so
-two workers give close to two times the speed of one.
+into *bands* of whole rows (or, for very long videos, pieces of one row). A
+band is read across all selected frames with one positioned read per frame
+(``os.preadv``; no memory map, so the resident memory really is what the
+buffers hold), then copied in cache-sized *tiles* into a pixel-major buffer
+``(pixels, frames)`` that is partitioned in place along its contiguous last
+axis (numpy's single-``kth`` partition, SIMD-accelerated on x86). Bands run on
+a small thread pool: file reads, copies and partitions release the GIL, so two
+workers run close to twice as fast as one.
 
 The working memory is bounded by ``max_memory_mb`` whatever the number of
-frames (the tile simply gets narrower); the result itself, ``H x W x 4`` bytes,
-comes on top.
+frames (bands get thinner, tiles narrower); the result itself, ``H x W x 4``
+bytes, comes on top.
 
 Exactness
 ---------
@@ -36,13 +37,14 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import InputError
-from .io.ser import MOSAIC_IDS, SerReader
+from .io.ser import HEADER_SIZE, MOSAIC_IDS, SerReader
 
 __all__ = ["temporal_median", "read_reference", "balance_cfa", "reference_to_mono"]
 
@@ -51,8 +53,13 @@ __all__ = ["temporal_median", "read_reference", "balance_cfa", "reference_to_mon
 #: uint16 video, 1-4 MiB tiles ran 1.5-2x faster than 6-12 MiB ones (2-core
 #: AMD EPYC, numpy 2.4). Lowered further when ``max_memory_mb`` asks for less.
 _TARGET_TILE_BYTES = 2 * 2**20
-#: Target size of one frame-chunk slab copied into a tile in one numpy call.
-_TARGET_SLAB_BYTES = 512 * 2**10
+#: Frames moved per transposing copy: 16 bytes per pixel per numpy call (8
+#: uint16 frames) was fastest; copying all frames of a tile in one call was
+#: about 4x slower, 2 frames per call 3x slower (Python overhead).
+_COPY_BYTES = 16
+#: Target size of one band read from the file (all selected frames, a few
+#: whole rows): large enough that each frame's piece is one read of tens of KiB.
+_TARGET_BAND_BYTES = 24 * 2**20
 
 
 def _frame_indices(n_total: int, start: int, stop: int | None, step: int, where: str) -> range:
@@ -73,23 +80,72 @@ def _frame_indices(n_total: int, start: int, stop: int | None, step: int, where:
     return frames
 
 
-def _plan_tiles(
-    height: int, row_len: int, n: int, itemsize: int, budget: int, workers: int
-) -> tuple[int, int]:
-    """Choose ``(rows, cols)`` of one tile; ``cols < row_len`` only when ``rows == 1``.
+@dataclass(frozen=True)
+class _Plan:
+    """How the frame rectangle is cut: bands read from the file, tiles computed in cache.
 
-    A worker holds one tile buffer of ``rows * cols * n * itemsize`` bytes plus
-    a float64 row of results per pixel and one frame-chunk slab.
+    A *band* is ``band_rows`` whole rows (``band_cols == row_len``), or, when one
+    whole row across all frames does not fit, a piece of one row. Its samples
+    are staged ``chunk`` frames at a time in a ``(chunk, band_rows, band_cols)``
+    buffer and copied, transposed, into pixel-major tiles ``(tile_px, n)``.
+    When ``chunk == n`` a band is split into many tiles; otherwise the band is
+    one tile, filled chunk by chunk.
     """
-    per_worker = budget // workers
-    per_pixel = n * itemsize + 8 + 4  # buffer column + float64 result + float32 copy
-    # Leave a quarter of each worker's share for the frame-chunk slab.
-    max_px = max(1, (per_worker * 3 // 4) // per_pixel)
-    want_px = max(1, _TARGET_TILE_BYTES // (n * itemsize))
-    px = min(max_px, want_px)
-    if px >= row_len:
-        return min(height, px // row_len), row_len
-    return 1, px
+
+    band_rows: int
+    band_cols: int
+    chunk: int
+    tile_px: int
+
+    def worker_bytes(self, n: int, itemsize: int) -> int:
+        """Working memory of one worker: staging + tile + float64 results."""
+        staging = self.chunk * self.band_rows * self.band_cols * itemsize
+        return staging + self.tile_px * (n * itemsize + 24)
+
+
+def _plan(height: int, row_len: int, n: int, itemsize: int, budget: int, workers: int) -> _Plan:
+    """Choose band and tile sizes so that ``workers`` workers fit in ``budget`` bytes."""
+    share = max(1, budget // workers)
+    per_pixel = n * itemsize + 24  # one tile column of samples + float64 temporaries
+    row_all = n * row_len * itemsize  # one whole row across all frames
+    if row_all <= share // 2:
+        # Whole rows, all frames staged at once; the tiles get the rest.
+        rows = min(height, share // 2 // row_all, max(1, _TARGET_BAND_BYTES // row_all))
+        band_px = rows * row_len
+        tile_px = min(band_px, max(1, _TARGET_TILE_BYTES // per_pixel),
+                      max(1, (share - rows * row_all) // per_pixel))
+        return _Plan(rows, row_len, n, tile_px)
+    # A piece of one row: the tile holds all frames of it, staged in chunks.
+    cols = int(max(1, min(row_len, share * 3 // 4 // per_pixel)))
+    chunk = int(max(1, min(n, (share - cols * per_pixel) // (cols * itemsize))))
+    return _Plan(1, cols, chunk, cols)
+
+
+class _SampleFile:
+    """Positioned reads of the raw SER samples (no memory map: only our buffers count as RSS)."""
+
+    def __init__(self, path: Path) -> None:
+        self._fh = open(path, "rb", buffering=0)
+        self._fd = self._fh.fileno()
+        self._lock = None if hasattr(os, "preadv") else threading.Lock()
+        self.path = path
+
+    def read_into(self, buf: np.ndarray, offset: int) -> None:
+        view = memoryview(buf).cast("B")
+        while view.nbytes:
+            if self._lock is None:
+                got = os.preadv(self._fd, [view], offset)
+            else:  # platforms without preadv (Windows): seek + read, serialised
+                with self._lock:
+                    self._fh.seek(offset)
+                    got = self._fh.readinto(view)
+            if not got:
+                raise InputError(f"{self.path}: unexpected end of file while reading frames")
+            view = view[got:]
+            offset += got
+
+    def close(self) -> None:
+        self._fh.close()
 
 
 def temporal_median(
@@ -107,19 +163,20 @@ def temporal_median(
     Parameters
     ----------
     reader
-        An open :class:`~aiflat_local.io.ser.SerReader`.
+        An open :class:`~aiflat_local.io.ser.SerReader` (its header, byte order
+        and frame count are used; samples are read with positioned reads).
     start, stop, step
         Frame selection with Python slice semantics (negative ``start``/``stop``
         count from the end; ``step >= 1``).
     max_memory_mb
-        Upper bound, in MiB, on the working memory (tile buffers of all
-        workers); it does not grow with the number of frames. The returned
+        Upper bound, in MiB, on the working memory (staging and tile buffers of
+        all workers); it does not grow with the number of frames. The returned
         image (``H * W * 4`` bytes, times 3 for RGB) comes on top.
     workers
-        Threads working on different tiles (numpy releases the GIL while
-        copying and partitioning). 1 runs everything in the calling thread.
+        Threads working on different bands (numpy and file reads release the
+        GIL). 1 runs everything in the calling thread.
     progress
-        Show a tqdm progress bar over tiles on stderr.
+        Show a tqdm progress bar over bands on stderr.
 
     Returns
     -------
@@ -131,11 +188,12 @@ def temporal_median(
     Raises
     ------
     InputError
-        The selection is empty, or an argument is out of range.
+        The selection is empty, an argument is out of range, or the file
+        ends early.
     """
     where = str(getattr(reader, "path", "SER"))
     frames = _frame_indices(reader.n_frames, start, stop, step, where)
-    if not (isinstance(workers, (int, np.integer)) and workers >= 1):
+    if not (isinstance(workers, (int, np.integer)) and not isinstance(workers, bool) and workers >= 1):
         raise InputError(f"workers must be an integer >= 1, not {workers!r}")
     try:
         budget = int(float(max_memory_mb) * 2**20)
@@ -144,73 +202,120 @@ def temporal_median(
     if budget <= 0:
         raise InputError(f"max_memory_mb must be > 0, not {max_memory_mb!r}")
 
+    header = reader.header
     n = len(frames)
-    first, fstep = frames.start, frames.step
-    height, width = reader.height, reader.width
-    planes = 3 if len(reader.frame_shape) == 3 else 1
-    row_len = width * planes
+    height = reader.height
+    planes = header.planes
+    row_len = reader.width * planes
     itemsize = reader.dtype.itemsize
-    rows, cols = _plan_tiles(height, row_len, n, itemsize, budget, int(workers))
-    tiles = [
-        (r0, min(r0 + rows, height), c0, min(c0 + cols, row_len))
-        for r0 in range(0, height, rows)
-        for c0 in range(0, row_len, cols)
-    ]
-    tile_px = rows * cols
-    # Frames per copy call: a slab of about _TARGET_SLAB_BYTES, and the band
-    # that SerReader.band materialises (a full-width copy when the file needs
-    # byte swapping or BGR reordering) within a quarter of a worker's share.
-    slab = max(1, _TARGET_SLAB_BYTES // (tile_px * itemsize))
-    band_cap = max(1, (budget // int(workers) // 4) // (rows * row_len * itemsize))
-    chunk = int(min(n, slab, band_cap))
+    file_dtype = np.dtype(reader.dtype).newbyteorder("<" if reader.byteorder == "little" else ">")
+    frame_bytes = header.frame_bytes
+    plan = _plan(height, row_len, n, itemsize, budget, int(workers))
+    n_bands = -(-height // plan.band_rows) * -(-row_len // plan.band_cols)
+
+    def bands():
+        for r0 in range(0, height, plan.band_rows):
+            for c0 in range(0, row_len, plan.band_cols):
+                yield r0, min(r0 + plan.band_rows, height), c0, min(c0 + plan.band_cols, row_len)
 
     out = np.empty((height, row_len), dtype=np.float32)
     local = threading.local()
     half = n // 2
     even = n % 2 == 0
+    sample_file = _SampleFile(Path(reader.path))
 
-    def work(tile: tuple[int, int, int, int]) -> None:
-        r0, r1, c0, c1 = tile
-        npx = (r1 - r0) * (c1 - c0)
-        buf = getattr(local, "buf", None)
-        if buf is None or buf.shape[0] < npx:
-            buf = local.buf = np.empty((tile_px, n), dtype=reader.dtype)
-        t = buf[:npx]
-        t3 = t.reshape(r1 - r0, c1 - c0, n)
-        for f0 in range(0, n, chunk):
-            f1 = min(n, f0 + chunk)
-            sel = slice(first + f0 * fstep, first + (f1 - 1) * fstep + 1, fstep)
-            band = reader.band(sel, r0, r1).reshape(f1 - f0, r1 - r0, row_len)
-            t3[:, :, f0:f1] = band[:, :, c0:c1].transpose(1, 2, 0)
-        t.partition(half, axis=-1)
-        upper = t[:, half]
-        if even:
-            lower = t[:, :half].max(axis=-1)
-            med = (lower.astype(np.float64) + upper) / 2.0  # as np.median: float64 mean
+    def buffers() -> tuple[np.ndarray, np.ndarray]:
+        if getattr(local, "staging", None) is None:
+            local.staging = np.empty(plan.chunk * plan.band_rows * plan.band_cols, dtype=file_dtype)
+            local.tile = np.empty((plan.tile_px, n), dtype=reader.dtype)
+        return local.staging, local.tile
+
+    def median_of(tile: np.ndarray) -> np.ndarray:
+        """Median along the last axis of a pixel-major tile (partitioned in place)."""
+        tile.partition(half, axis=-1)
+        upper = tile[:, half]
+        if not even:
+            return upper
+        lower = tile[:, :half].max(axis=-1)
+        return (lower.astype(np.float64) + upper) / 2.0  # as np.median: a float64 mean
+
+    def stage(staging: np.ndarray, f0: int, f1: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Read frames ``f0:f1`` (selection numbers) of a band into ``staging``: ``(k, rows, cols)``."""
+        s = staging[: (f1 - f0) * (r1 - r0) * (c1 - c0)].reshape(f1 - f0, r1 - r0, c1 - c0)
+        for j in range(f0, f1):
+            offset = HEADER_SIZE + frames[j] * frame_bytes + (r0 * row_len + c0) * itemsize
+            sample_file.read_into(s[j - f0], offset)
+        return s
+
+    step_f = max(1, _COPY_BYTES // itemsize)
+
+    def fill(t: np.ndarray, s: np.ndarray, f0: int) -> None:
+        """``t[:, f0:f0+k] = s.T`` for staged ``s`` ``(k, pixels)``, a few frames per call."""
+        for a in range(0, s.shape[0], step_f):
+            b = min(s.shape[0], a + step_f)
+            t[:, f0 + a : f0 + b] = s[a:b].T
+
+    def work(band: tuple[int, int, int, int]) -> None:
+        r0, r1, c0, c1 = band
+        staging, tile = buffers()
+        if plan.chunk == n:
+            s = stage(staging, 0, n, r0, r1, c0, c1).reshape(n, -1)
+            px = s.shape[1]
+            res = out[r0:r1, c0:c1].reshape(-1)  # whole rows (or one row): contiguous
+            for p0 in range(0, px, plan.tile_px):
+                p1 = min(px, p0 + plan.tile_px)
+                t = tile[: p1 - p0]
+                fill(t, s[:, p0:p1], 0)
+                res[p0:p1] = median_of(t)
         else:
-            med = upper
-        out[r0:r1, c0:c1] = med.reshape(r1 - r0, c1 - c0)
+            t = tile[: c1 - c0]
+            for f0 in range(0, n, plan.chunk):
+                f1 = min(n, f0 + plan.chunk)
+                fill(t, stage(staging, f0, f1, r0, r1, c0, c1).reshape(f1 - f0, -1), f0)
+            out[r0, c0:c1] = median_of(t)
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(tiles), desc="temporal median", unit="tile", leave=False)
-    try:
-        if workers == 1 or len(tiles) == 1:
-            for tile in tiles:
-                work(tile)
-                if bar is not None:
+        bar = tqdm(total=n_bands, desc="temporal median", unit="band", leave=False)
+    # Workers pull bands from one shared generator: no per-band futures, however
+    # many bands a very long video needs.
+    lock = threading.Lock()
+    pending = bands()
+    failed = threading.Event()
+
+    def run() -> None:
+        while not failed.is_set():
+            with lock:
+                band = next(pending, None)
+            if band is None:
+                return
+            try:
+                work(band)
+            except BaseException:
+                failed.set()
+                raise
+            if bar is not None:
+                with lock:
                     bar.update()
+
+    n_workers = int(min(workers, n_bands))
+    try:
+        if n_workers == 1:
+            run()
         else:
-            with ThreadPoolExecutor(max_workers=int(workers)) as pool:
-                for _ in pool.map(work, tiles):
-                    if bar is not None:
-                        bar.update()
+            with ThreadPoolExecutor(max_workers=n_workers) as pool:
+                for future in [pool.submit(run) for _ in range(n_workers)]:
+                    future.result()
     finally:
+        sample_file.close()
         if bar is not None:
             bar.close()
-    return out.reshape(height, width, 3) if planes == 3 else out.reshape(height, width)
+    if planes == 3:
+        image = out.reshape(height, reader.width, 3)
+        return np.ascontiguousarray(image[..., ::-1]) if header.color_id == 101 else image
+    return out.reshape(height, reader.width)
 
 
 def read_reference(

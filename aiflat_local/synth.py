@@ -1,82 +1,94 @@
 """A physical simulator of dusty solar videos, with ground truth.
 
-The model, in the order the light meets it:
+Used by the tests, the ``demo`` command and the benchmarks; it needs no data and
+no network. One :class:`SimConfig` (plus its ``seed``) fully determines a video.
 
-1. **The Sun** (fixed to the Sun, so it moves with the drift): limb darkening
-   ``I(mu) = 1 - u (1 - mu)`` over a large disk (optionally with the limb and
-   the sky beyond it in the field), a fine texture a few pixels across
-   (H-alpha fibrils and mottles, white-light granulation or Ca K network),
-   and dark solar features that are *not* dust: sunspots (umbra + filamentary
-   penumbra, 10-40 px across) and pores (3-8 px).
-2. **Telescope motion and seeing**: frame ``i`` shows the Sun shifted by
-   ``shifts[i] = (dy, dx)`` (a linear drift of ``drift_px`` in total plus a
-   random jitter of ``jitter_px`` rms per axis, sub-pixel) and blurred by a
-   Gaussian whose sigma varies around ``seeing_blur_px``. Shift and blur are
-   one multiplication of the Sun's precomputed spectrum, rendered on a padded,
-   edge-tapered canvas (so nothing wraps into the field) and cropped.
-3. **Dust** (fixed to the sensor): a multiplicative attenuation, the *true
-   flat*. Each particle's silhouette (a small irregular ellipse) is convolved
-   with the pupil footprint at its distance from the sensor: a disk of
-   diameter ``distance / f_ratio`` (an annulus with a central obstruction,
-   which turns far dust into donuts). The shadow depth is the particle area
-   over the footprint area, capped; a faint bright diffraction rim (gain 1-3%
-   above 1) lies just outside the shadow.
-4. **The camera**: shot noise (Poisson in photons, ``photons_per_adu``), read
-   noise (Gaussian, ADU), rounding and clipping to ``[0, 65535]`` (never
-   wrapping), uint16.
+The model
+---------
+*The Sun* is rendered once on a canvas larger than the sensor (the margin covers
+the largest shift plus the seeing blur) and kept as its 2-D Fourier spectrum:
 
-Conventions: images are ``(H, W)`` in sensor orientation (row 0 = first SER
-row); flats have 1.0 = no attenuation; shifts are in pixels, ``+dy`` moves the
-Sun towards higher rows. The shifts are centred (their mean is exactly 0), so
-the *mean* Sun position is the unshifted one, where ``dark_feature_mask`` is
-drawn. Everything is reproducible from ``SimConfig.seed``; frame ``i`` depends
-only on ``(seed, i)``, so frames can be rendered in any order.
+- large scale: limb darkening ``I(mu) = 1 - u (1 - mu)`` of a disk much larger than
+  the field; with ``limb=True`` the limb crosses the field and a faint sky
+  (scattered light, 2 % of the disk) lies beyond it;
+- fine texture a few pixels across: granulation (``white_light``), H-alpha
+  fibrils and mottles (``halpha``) or the Ca II K network and plage (``cak``);
+- dark solar features, fixed to the Sun: sunspots (irregular umbra + filamentary
+  penumbra, 10-40 px across) and pores (3-8 px). They are **not** dust.
+
+*Frame i* is the Sun shifted by ``shifts[i] = drift + jitter`` (sub-pixel, by a
+Fourier phase ramp), blurred by a Gaussian of ``blur_sigmas[i]`` (seeing, applied
+in the same Fourier product), cropped to the sensor, multiplied by the true flat,
+then given shot noise (Poisson photon counts via ``photons_per_adu``: exact
+Poisson below 30 photons, its Gaussian approximation above) and Gaussian read
+noise, rounded and clipped to ``[0, 65535]`` (clipped, never wrapped).
+
+*Dust* is fixed to the sensor: a multiplicative attenuation ``true_flat`` (1.0 =
+no attenuation). Each particle is an opaque irregular elliptical silhouette
+convolved with the pupil footprint at its distance ``d`` from the sensor: a disk
+of diameter ``d / f_ratio`` (``pixel_size_um`` converts it to pixels), an annulus
+when the telescope has a central obstruction, so far dust casts donuts. The
+shadow depth is the particle area over the footprint area (capped at 40-60 %
+for near dust: particles are not perfectly opaque). A faint bright diffraction
+rim (gain 1.005-1.03) lies just outside each shadow. Near dust (< 1 mm) gives
+small, dark spots; dust a few millimetres away gives large, faint rings.
+
+Conventions
+-----------
+- Arrays are ``(H, W)`` in sensor orientation: row 0 is the first SER row.
+- ``shifts[i] = (dy, dx)`` in pixels: frame ``i`` shows at sensor pixel
+  ``(y, x)`` what the zero-shift frame shows at ``(y - dy, x - dx)`` (the Sun
+  moves by ``+dy`` rows, ``+dx`` columns).
+- Dust objects and dark features are given in sensor pixels; dark features at
+  the mean Sun position (the mean of ``shifts``).
+- Everything is seeded: the same config gives bit-identical frames, and frame
+  ``i`` depends only on ``(config, i)``, not on which frames were made before.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import math
 import os
 import platform
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
-from scipy import fft as sfft
-from scipy import ndimage
-from scipy.signal import fftconvolve
+import scipy.fft as sfft
+from scipy import ndimage, special
 
-__all__ = [
-    "TEXTURES",
-    "SimConfig",
-    "Scene",
-    "SimPaths",
-    "make_scene",
-    "render_frame",
-    "iter_frames",
-    "clean_sun",
-    "expected_frame",
-    "simulate",
-]
+__all__ = ["SimConfig", "Scene", "SimPaths", "make_scene", "render_frame", "iter_frames",
+           "clean_sun", "simulate", "TEXTURES"]
 
+#: Simulator model version, written to ``truth.json``; bump when the output of a seed changes.
+SIM_VERSION = 1
 TEXTURES = ("halpha", "white_light", "cak")
+FRAME_RATE_HZ = 50.0  # for the SER timestamps only
+_START_TIME = _dt.datetime(2024, 6, 21, 12, 0, 0)  # UTC, for the SER header and timestamps
+_WORKERS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+_POISSON_BELOW = 30.0  # photons: exact Poisson below, Gaussian approximation above
+# Limb-darkening coefficient u of I(mu) = 1 - u (1 - mu), and spot levels, per texture.
+_LIMB_U = {"white_light": 0.60, "halpha": 0.25, "cak": 0.35}
+_UMBRA = {"white_light": (0.18, 0.30), "halpha": (0.40, 0.50), "cak": (0.40, 0.50)}
+_PENUMBRA = {"white_light": (0.72, 0.80), "halpha": (0.72, 0.82), "cak": (0.74, 0.84)}
+# Dust classes: distance from the sensor (mm) and target depth (particle / footprint area).
+_DUST_CLASSES = {
+    "near": {"distance_mm": (0.15, 1.0), "depth": (0.12, 1.2)},
+    "medium": {"distance_mm": (1.2, 3.0), "depth": (0.03, 0.10)},
+    "far": {"distance_mm": (3.5, 10.0), "depth": (0.015, 0.05)},
+}
+_LABEL_THRESHOLD = 0.01  # |1 - gain| above which a pixel belongs to a dust object
+# Independent random streams, so that e.g. changing n_dust leaves the Sun unchanged.
+_STREAM_SHIFTS, _STREAM_DISK, _STREAM_DUST, _STREAM_FEATURES, _STREAM_TEXTURE, _STREAM_NOISE = range(6)
 
-_FFT_WORKERS = max(1, min(os.cpu_count() or 1, 8))
-_TAPER_PX = 16  # width of the canvas edge taper that makes the Sun canvas periodic
-_EXACT_POISSON_BELOW = 200.0  # photons; above, Poisson is drawn as a Gaussian of equal variance
-_LABEL_THRESHOLD = 0.01  # a dust object's label covers where it attenuates by more than 1%
-_FEATURE_THRESHOLD = 0.95  # dark_feature_mask: where sunspots/pores darken the Sun by more than 5%
-_SER_EPOCH = datetime(1, 1, 1)
-_SER_START = datetime(2024, 6, 21, 12, 0, 0)  # nominal capture start written into the SER
-_FRAME_INTERVAL_TICKS = 100_000  # 10 ms per frame, in SER's 100 ns ticks
 
-
+# --------------------------------------------------------------------------- configuration
 @dataclass
 class SimConfig:
-    """Parameters of a simulated dusty solar video.
+    """Everything that defines a simulated video (with ``seed``, it is fully reproducible).
 
     Attributes
     ----------
@@ -85,39 +97,39 @@ class SimConfig:
     n_frames : int
         Number of frames.
     seed : int
-        Seed of every random choice; the same config gives identical frames.
+        Non-negative random seed.
     f_ratio : float
-        Focal ratio of the beam at the sensor; a dust particle ``d`` mm in front
-        of the sensor casts a footprint ``d / f_ratio`` mm across.
+        Focal ratio of the light cone at the sensor (sets the dust footprint size).
     pixel_size_um : float
         Pixel pitch in micrometres.
     central_obstruction : float
-        Diameter ratio of the central obstruction (0 = refractor, < 1); the
-        footprint becomes an annulus and far dust casts donuts.
+        Diameter ratio of the central obstruction, 0 (refractor) to 0.9; > 0
+        turns the footprint into an annulus, so far dust casts donuts.
     n_dust : int
-        Number of dust particles: about 36% near (small, 12-55% deep), 20% far
-        (large faint rings, 1.5-5% deep) and the rest medium (3-10% deep).
+        Number of dust particles: about 36 % near (strong, small), 40 % medium
+        (3-10 % deep) and 24 % far (faint, large rings).
     n_sunspots, n_pores : int
-        Dark solar features (fixed to the Sun, never dust).
+        Dark solar features (they move with the Sun, they are not dust).
     drift_px : float
         Total linear drift of the Sun over the video, pixels.
     jitter_px : float
-        Seeing jitter, rms per axis, pixels.
+        Seeing jitter: rms per axis of the random per-frame displacement, pixels
+        (re-centred so that the mean Sun position is exactly the zero shift).
     seeing_blur_px : float
-        Typical Gaussian seeing blur sigma, pixels (each frame varies around it;
-        0 = no blur).
+        Typical Gaussian seeing blur sigma, pixels (varies about 25 % frame to
+        frame, within 0.6-1.7 times this value).
     signal_adu : float
-        Mean level of the solar disk in the field, ADU.
+        Mean level of the solar disk in ADU (before dust and noise).
     photons_per_adu : float
-        Photo-electrons per ADU (shot noise); ``inf`` turns shot noise off.
+        Photons (electrons) per ADU, for shot noise; ``math.inf`` gives no shot noise.
     read_noise_adu : float
-        Gaussian read noise, ADU rms.
+        Gaussian read noise rms, ADU.
     limb : bool
-        Put the solar limb, and sky beyond it, in the field.
+        Include the solar limb and the sky beyond it (about a quarter of the field).
     texture : str
         ``"halpha"``, ``"white_light"`` or ``"cak"``.
     dust : bool
-        ``False``: no dust at all (the true flat is exactly 1.0).
+        False: no dust at all (the true flat is exactly 1.0).
     """
 
     height: int = 480
@@ -141,18 +153,18 @@ class SimConfig:
     dust: bool = True
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first parameter out of range."""
+        """Raise ``ValueError`` naming the first out-of-range field."""
         checks = [
             (self.height >= 16 and self.width >= 16, "height and width must be >= 16"),
             (self.n_frames >= 1, "n_frames must be >= 1"),
-            (self.f_ratio > 0, "f_ratio must be > 0"),
-            (self.pixel_size_um > 0, "pixel_size_um must be > 0"),
-            (0 <= self.central_obstruction < 1, "central_obstruction must be in [0, 1)"),
+            (self.seed >= 0, "seed must be >= 0"),
+            (self.f_ratio > 0 and self.pixel_size_um > 0, "f_ratio and pixel_size_um must be > 0"),
+            (0.0 <= self.central_obstruction <= 0.9, "central_obstruction must be in [0, 0.9]"),
             (min(self.n_dust, self.n_sunspots, self.n_pores) >= 0, "feature counts must be >= 0"),
             (min(self.drift_px, self.jitter_px, self.seeing_blur_px) >= 0,
              "drift_px, jitter_px and seeing_blur_px must be >= 0"),
-            (0 < self.signal_adu < 65535, "signal_adu must be in (0, 65535)"),
-            (self.photons_per_adu > 0, "photons_per_adu must be > 0"),
+            (0 < self.signal_adu < 1e6, "signal_adu must be in (0, 1e6)"),
+            (self.photons_per_adu > 0, "photons_per_adu must be > 0 (math.inf: no shot noise)"),
             (self.read_noise_adu >= 0, "read_noise_adu must be >= 0"),
             (self.texture in TEXTURES, f"texture must be one of {', '.join(TEXTURES)}"),
         ]
@@ -161,40 +173,37 @@ class SimConfig:
                 raise ValueError(f"SimConfig: {message}")
 
 
-@dataclass
+@dataclass(eq=False)
 class Scene:
-    """Everything fixed for a whole simulated video: the truth and the Sun.
+    """A simulated scene: the ground truth, plus what :func:`render_frame` needs.
 
     Attributes
     ----------
     config : SimConfig
     true_flat : ndarray, float32 (H, W)
-        Sensor-fixed dust gain, 1.0 = no attenuation; exactly 1.0 away from dust.
+        Dust attenuation fixed to the sensor; 1.0 = no attenuation (exactly 1.0
+        away from dust), < 1 in shadows, slightly > 1 on diffraction rims.
     dust_labels : ndarray, int32 (H, W)
-        ``k > 0`` where dust object ``k`` attenuates by more than 1% (the
-        strongest object wins where shadows overlap); 0 elsewhere.
+        ``k > 0`` where dust object ``k`` changes the flat by more than 1 %
+        (``|1 - gain_k| > 0.01``, rims included); where two overlap, the stronger.
     dust_objects : list of dict
-        Per object: ``label``, ``kind`` (near/mid/far), ``y``, ``x`` (shadow
-        centre, px), ``distance_mm``, ``footprint_px`` (outer diameter of the
-        pupil footprint), ``particle_px`` (equivalent diameter of the
-        silhouette), ``depth`` (1 - minimum of the object's own gain), ``rim``
-        (maximum of its own gain - 1), ``donut``, ``area_px`` (labelled pixels).
+        Per object: ``label``, ``kind`` (near/medium/far), ``y``, ``x`` (centre,
+        sensor px), ``distance_mm``, ``footprint_px`` (pupil footprint diameter),
+        ``particle_px`` (equivalent diameter), ``depth`` (``1 - min gain``),
+        ``rim`` (``max gain - 1``: the bright rim's excess, 0.005-0.03), ``donut``, ``bbox`` (``[y0, y1, x0, x1]``,
+        where the flat differs from 1), ``area_px``, ``overlaps_dust`` (labels),
+        ``overlaps_dark_feature``.
     dark_feature_mask : ndarray, bool (H, W)
-        Sunspots and pores, in sensor coordinates at the mean Sun position
-        (shift 0), where they darken the Sun by more than 5%.
+        Sunspots and pores in sensor coordinates at the mean Sun position.
     dark_features : list of dict
-        Per feature: ``kind`` (sunspot/pore), ``y``, ``x`` (at the mean Sun
-        position), ``radius_px`` (outer), ``umbra_radius_px``, ``depth``.
-    shifts : ndarray, float (n_frames, 2)
-        True ``(dy, dx)`` of the Sun in each frame, px; mean exactly 0.
-    blur_sigmas : ndarray, float (n_frames,)
-        Seeing blur sigma of each frame, px.
-    sun : dict
-        Disk geometry and texture parameters (for the record).
-    pad : int
-        Canvas margin: the frame at shift 0 is ``canvas[pad:pad+H, pad:pad+W]``.
-    sun_canvas : ndarray, float32
-        The Sun in ADU on the padded, edge-tapered canvas, at shift 0.
+        Per feature: ``kind`` (sunspot/pore), ``y``, ``x`` (mean position),
+        ``diameter_px``, ``overlaps_dust`` (labels).
+    shifts : ndarray, float64 (n_frames, 2)
+        True ``(dy, dx)`` of the Sun in each frame, pixels (read at render time).
+    blur_sigmas : ndarray, float64 (n_frames,)
+        Seeing blur sigma of each frame, pixels.
+    disk : dict
+        Solar disk at the mean position: centre ``y``, ``x`` and ``radius`` (px).
     """
 
     config: SimConfig
@@ -202,19 +211,17 @@ class Scene:
     dust_labels: np.ndarray
     dust_objects: list[dict]
     dark_feature_mask: np.ndarray
-    dark_features: list[dict]
     shifts: np.ndarray
     blur_sigmas: np.ndarray
-    sun: dict
-    pad: int
-    sun_canvas: np.ndarray = field(repr=False)
-    _spectrum: np.ndarray = field(repr=False)
-    _fy: np.ndarray = field(repr=False)
-    _fx: np.ndarray = field(repr=False)
+    dark_features: list[dict] = field(default_factory=list)
+    disk: dict = field(default_factory=dict)
+    _spectrum: np.ndarray | None = field(default=None, repr=False)  # rfft2 of the Sun canvas (ADU)
+    _origin: tuple[int, int] = (0, 0)  # canvas pixel that is sensor (0, 0) at zero shift
+    _canvas_shape: tuple[int, int] = (0, 0)
 
     @property
     def dust_mask(self) -> np.ndarray:
-        """bool (H, W): where any dust attenuates by more than 1%."""
+        """Boolean ``(H, W)``: True where a dust object changes the flat by more than 1 %."""
         return self.dust_labels > 0
 
 
@@ -230,623 +237,618 @@ class SimPaths:
     dark_features: Path
     truth: Path
 
-    @classmethod
-    def in_directory(cls, directory: str | os.PathLike) -> "SimPaths":
-        d = Path(directory)
-        return cls(d, d / "video.ser", d / "true_flat.fits", d / "dust_mask.png",
-                   d / "dust_labels.fits", d / "dark_features.png", d / "truth.json")
+
+# --------------------------------------------------------------------------- helpers
+def _rng(seed: int, stream: int, *more: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, *more])
 
 
-# --------------------------------------------------------------------------- random streams
+def _coverage(inside: Callable[[np.ndarray, np.ndarray], np.ndarray], shape: tuple[int, int],
+              centre: tuple[float, float], ss: int = 4) -> np.ndarray:
+    """Anti-aliased area fraction of each pixel that lies inside a shape.
 
-def _rng(seed: int, *stream: int) -> np.random.Generator:
-    """An independent generator per component, so changing one count leaves the rest alone."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, *stream])
+    ``inside(dy, dx)`` is evaluated on ``ss x ss`` sub-pixel samples per pixel,
+    ``dy, dx`` relative to ``centre`` (pixel centres are at integer coordinates).
+    """
+    offsets = (np.arange(ss) + 0.5) / ss - 0.5
+    ys = (np.arange(shape[0])[:, None] + offsets[None, :]).ravel() - centre[0]
+    xs = (np.arange(shape[1])[:, None] + offsets[None, :]).ravel() - centre[1]
+    samples = inside(ys[:, None], xs[None, :]).astype(np.float64)
+    return samples.reshape(shape[0], ss, shape[1], ss).mean(axis=(1, 3))
 
 
-_STREAM_MOTION, _STREAM_DUST, _STREAM_DISK, _STREAM_TEXTURE, _STREAM_FEATURES = 1, 2, 3, 4, 5
-_STREAM_FRAME = 100
+def _radial_harmonics(rng: np.random.Generator, orders: range, amplitude: float) -> list[tuple[int, float, float]]:
+    return [(k, float(rng.uniform(0, amplitude)), float(rng.uniform(0, 2 * np.pi))) for k in orders]
+
+
+def _modulate(theta: np.ndarray, harmonics: list[tuple[int, float, float]]) -> np.ndarray:
+    out = np.ones_like(theta)
+    for k, a, phase in harmonics:
+        out += a * np.cos(k * theta + phase)
+    return out
+
+
+def _box_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+    dy = min(a[1], b[1]) - max(a[0], b[0])
+    dx = min(a[3], b[3]) - max(a[2], b[2])
+    return max(dy, 0) * max(dx, 0)
 
 
 # --------------------------------------------------------------------------- motion
-
-def _motion(config: SimConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Per-frame Sun shifts ``(dy, dx)`` (drift + jitter, mean 0) and seeing sigmas."""
-    rng = _rng(config.seed, _STREAM_MOTION)
-    n = config.n_frames
+def _make_motion(cfg: SimConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame Sun shifts (linear drift + white jitter, mean exactly 0) and seeing blur sigmas."""
+    rng = _rng(cfg.seed, _STREAM_SHIFTS)
+    n = cfg.n_frames
     angle = rng.uniform(0, 2 * np.pi)
-    drift = config.drift_px * np.array([np.sin(angle), np.cos(angle)])
-    t = np.linspace(-0.5, 0.5, n) if n > 1 else np.zeros(1)
-    jitter = rng.normal(0.0, config.jitter_px, (n, 2)) if config.jitter_px > 0 else np.zeros((n, 2))
-    jitter -= jitter.mean(axis=0)
-    shifts = t[:, None] * drift[None, :] + jitter
-    if config.seeing_blur_px > 0:
-        sigmas = config.seeing_blur_px * np.clip(np.exp(rng.normal(0.0, 0.2, n)), 0.5, 1.8)
+    t = np.arange(n) / (n - 1) - 0.5 if n > 1 else np.zeros(1)
+    drift = cfg.drift_px * t[:, None] * np.array([np.sin(angle), np.cos(angle)])[None, :]
+    jitter = rng.standard_normal((n, 2)) * cfg.jitter_px
+    jitter -= jitter.mean(axis=0)  # the mean Sun position is exactly zero shift
+    blur = cfg.seeing_blur_px * np.clip(np.exp(0.25 * rng.standard_normal(n)), 0.6, 1.7)
+    return drift + jitter, blur
+
+
+# --------------------------------------------------------------------------- the disk
+def _make_disk(cfg: SimConfig) -> dict:
+    """Disk centre (sensor px, mean position) and radius; the limb crosses the field if asked."""
+    rng = _rng(cfg.seed, _STREAM_DISK)
+    size = max(cfg.height, cfg.width)
+    phi = rng.uniform(0, 2 * np.pi)
+    u = np.array([np.sin(phi), np.cos(phi)])  # outward direction, (y, x)
+    centre = np.array([(cfg.height - 1) / 2, (cfg.width - 1) / 2])
+    if cfg.limb:
+        radius = 3.0 * size
+        extent = abs(cfg.height * u[0]) + abs(cfg.width * u[1])
+        disk_centre = centre + (0.25 * extent - radius) * u  # limb a quarter extent past the centre
     else:
-        sigmas = np.zeros(n)
-    return shifts, sigmas
+        radius = 4.0 * size
+        disk_centre = centre - rng.uniform(0.3, 0.65) * radius * u
+    return {"y": float(disk_centre[0]), "x": float(disk_centre[1]), "radius": float(radius)}
+
+
+def _large_scale(cfg: SimConfig, disk: dict, shape: tuple[int, int], offset: tuple[float, float]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Limb darkening, disk indicator and sky on a grid whose (0, 0) is sensor ``-offset``.
+
+    Returns ``(limb_darkening, edge, sky)``, float64 ``shape``; ``edge`` is the
+    anti-aliased disk indicator (1 inside, 0 in the sky).
+    """
+    y = np.arange(shape[0]) - offset[0] - disk["y"]
+    x = np.arange(shape[1]) - offset[1] - disk["x"]
+    r = np.sqrt(y[:, None] ** 2 + x[None, :] ** 2)
+    radius = disk["radius"]
+    mu = np.sqrt(np.clip(1.0 - (r / radius) ** 2, 0.0, 1.0))
+    ld = 1.0 - _LIMB_U[cfg.texture] * (1.0 - mu)
+    edge = 0.5 * (1.0 + special.erf((radius - r) / (np.sqrt(2.0) * 0.5)))
+    if cfg.limb:
+        sky = 0.02 * (0.3 + 0.7 * np.exp(-np.maximum(r - radius, 0.0) / (0.05 * radius)))
+    else:
+        sky = np.zeros(shape)
+    return ld, edge, sky
+
+
+def _inside_disk(disk: dict, y: float, x: float, margin: float) -> bool:
+    return math.hypot(y - disk["y"], x - disk["x"]) < disk["radius"] - margin
 
 
 # --------------------------------------------------------------------------- dust
-
-def _disk_occupancy(rho: np.ndarray, radius: float) -> np.ndarray:
-    """Antialiased occupancy (0..1) of a disk of *radius* px, from the distance map *rho*."""
-    return np.clip(radius + 0.5 - rho, 0.0, 1.0)
-
-
-def _footprint(diameter_px: float, obstruction: float) -> np.ndarray:
-    """The pupil footprint (disk or annulus) of outer diameter *diameter_px*, summing to 1."""
-    r_out = diameter_px / 2
-    if r_out < 0.5:
-        return np.ones((1, 1))
-    n = 2 * math.ceil(r_out + 1) + 1
-    c = n // 2
-    yy, xx = np.mgrid[:n, :n]
-    rho = np.hypot(yy - c, xx - c)
-    occ = _disk_occupancy(rho, r_out)
-    if obstruction > 0:
-        occ = occ - _disk_occupancy(rho, obstruction * r_out)
-    occ = np.clip(occ, 0.0, None)
-    return occ / occ.sum()
+def _dust_kinds(n: int) -> list[str]:
+    n_far = max(round(0.24 * n), 1 if n >= 3 else 0)
+    n_near = max(round(0.36 * n), 1 if n >= 1 else 0)
+    n_medium = max(n - n_far - n_near, 0)
+    return ["far"] * n_far + ["medium"] * n_medium + ["near"] * n_near  # largest placed first
 
 
-def _silhouette(rng: np.random.Generator, radius_px: float, offset: tuple[float, float],
-                size: int, supersample: int = 5) -> np.ndarray:
-    """Occupancy (0..1) of an irregular elliptical particle of equivalent *radius_px*.
+def _render_dust(cfg: SimConfig, kind: str, rng: np.random.Generator) -> dict:
+    """Draw one particle and render its gain patch (1.0 = no attenuation), centred in the patch."""
+    cls = _DUST_CLASSES[kind]
+    px_per_mm = 1000.0 / (cfg.f_ratio * cfg.pixel_size_um)  # footprint diameter per mm of distance
+    max_footprint = max(8.0, min(120.0, 0.45 * min(cfg.height, cfg.width)))
+    distance = rng.uniform(*cls["distance_mm"])
+    footprint = float(np.clip(distance * px_per_mm, 1.5, max_footprint))
+    distance = footprint / px_per_mm
+    c = cfg.central_obstruction
+    target = rng.uniform(*cls["depth"])
+    cap = rng.uniform(0.40, 0.60) if kind == "near" else 1.0
+    particle = max(0.8, footprint * math.sqrt(target * (1.0 - c * c)))  # equivalent diameter, px
+    axis_ratio = rng.uniform(0.55, 1.0)
+    tilt = rng.uniform(0, np.pi)
+    harmonics = _radial_harmonics(rng, range(2, 6), 0.08)
+    semi_major = particle / 2 / math.sqrt(axis_ratio)
+    sigma_rim = 0.5 + 0.04 * footprint
+    half = int(math.ceil(semi_major * 1.35 + footprint / 2 + 3 * sigma_rim + 3))
+    sub = rng.uniform(-0.5, 0.5, size=2)  # sub-pixel position of the centre
+    size = 2 * half + 1
+    centre = (half + sub[0], half + sub[1])
 
-    Drawn on a ``size x size`` patch whose centre pixel is the particle centre
-    minus *offset* (the sub-pixel part of its position), supersampled.
-    """
-    q = rng.uniform(0.5, 1.0)  # axis ratio
-    alpha = rng.uniform(0, np.pi)
-    a, b = radius_px / math.sqrt(q), radius_px * math.sqrt(q)
-    harmonics = [(m, rng.uniform(0, 0.12), rng.uniform(0, 2 * np.pi)) for m in (2, 3, 4, 5)]
-    s = supersample
-    coords = (np.arange(size * s) + 0.5) / s - size / 2  # pixel centres at ..., -1, 0, 1, ...
-    yy = coords[:, None] - offset[0]
-    xx = coords[None, :] - offset[1]
-    u = xx * math.cos(alpha) + yy * math.sin(alpha)
-    v = -xx * math.sin(alpha) + yy * math.cos(alpha)
-    theta = np.arctan2(v, u)
-    rho = np.hypot(u, v)
-    edge = a * b / np.sqrt((b * np.cos(theta)) ** 2 + (a * np.sin(theta)) ** 2)
-    edge = edge * (1 + sum(c * np.cos(m * theta + p) for m, c, p in harmonics))
-    inside = (rho <= edge).astype(np.float64)
-    occ = inside.reshape(size, s, size, s).mean(axis=(1, 3))
-    if occ.sum() == 0:  # a particle smaller than the supersampled grid: keep its area
-        occ[size // 2, size // 2] = min(1.0, np.pi * radius_px ** 2)
-    return occ
+    def silhouette(dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
+        theta = np.arctan2(dy, dx)
+        along = dx * np.cos(tilt) + dy * np.sin(tilt)
+        across = -dx * np.sin(tilt) + dy * np.cos(tilt)
+        rho = np.sqrt((along / semi_major) ** 2 + (across / (semi_major * axis_ratio)) ** 2)
+        return rho <= _modulate(theta, harmonics)
 
+    sil = _coverage(silhouette, (size, size), centre, ss=4)
+    k_half = int(math.ceil(footprint / 2 + 1))
+    ss = 8 if footprint < 16 else 4
 
-def _dust_plan(config: SimConfig) -> list[tuple[str, float, float]]:
-    """(kind, distance_mm, depth) for each particle: near-strong, mid-medium, far-faint rings."""
-    rng = _rng(config.seed, _STREAM_DUST, 0)
-    n = config.n_dust
-    n_far = int(round(0.20 * n))
-    n_near = int(round(0.36 * n))
-    if n >= 3:
-        n_far, n_near = max(n_far, 1), max(n_near, 1)
-    n_near = min(n_near, n)
-    n_far = min(n_far, n - n_near)
-    n_mid = n - n_near - n_far
-    pixel_mm = config.pixel_size_um * 1e-3
-    # far footprints stay within 60% of the smaller frame side
-    d_cap = 0.6 * min(config.height, config.width) * pixel_mm * config.f_ratio
-    plan = []
-    for kind, count, (d0, d1), (z0, z1) in [
-        ("far", n_far, (5.0, 15.0), (0.015, 0.05)),
-        ("mid", n_mid, (1.5, 4.0), (0.03, 0.10)),
-        ("near", n_near, (0.3, 1.5), (0.12, 0.55)),
-    ]:
-        hi = min(d1, d_cap)
-        lo = min(d0, 0.5 * hi)
-        for _ in range(count):
-            plan.append((kind, float(rng.uniform(lo, hi)), float(rng.uniform(z0, z1))))
-    return plan
+    def pupil(inner: float) -> np.ndarray:
+        def inside(dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
+            r = np.hypot(dy, dx)
+            return (r <= footprint / 2) & (r >= inner * footprint / 2)
+        kern = _coverage(inside, (2 * k_half + 1, 2 * k_half + 1), (k_half, k_half), ss=ss)
+        return kern / kern.sum()
 
+    from scipy.signal import fftconvolve
 
-def _dust_patch(rng: np.random.Generator, config: SimConfig, distance_mm: float, depth: float,
-                frac: tuple[float, float]) -> dict[str, Any]:
-    """One particle's attenuation ``a`` (peak = *depth*) and rim gain ``r`` on a square patch.
-
-    The patch's centre pixel holds the particle's integer position; *frac* is
-    the sub-pixel remainder. The object's own gain is ``1 - a + r``.
-    """
-    d_px = distance_mm / config.f_ratio / (config.pixel_size_um * 1e-3)
-    obstruction = config.central_obstruction
-    fp_area = np.pi * (d_px / 2) ** 2 * (1 - obstruction ** 2)
-    # depth = particle area / footprint area (a particle at least one pixel wide near focus)
-    particle_r = max(math.sqrt(depth * max(fp_area, 1.0) / np.pi), 0.5)
-    sil_size = 2 * math.ceil(particle_r * 1.4 + 1.5) + 1
-    sil = _silhouette(rng, particle_r, frac, sil_size)
-    fp = _footprint(d_px, obstruction)
-    shadow = fftconvolve(sil, fp, mode="full")
-    outline = fftconvolve(sil, _footprint(d_px, 0.0), mode="full") if obstruction > 0 else shadow
-    rim_sigma = float(np.clip(0.08 * d_px, 0.7, 3.0))
-    margin = math.ceil(4 * rim_sigma) + 1
-    shadow = np.pad(shadow, margin)
-    outline = np.pad(outline, margin)
+    shadow = np.clip(fftconvolve(sil, pupil(c), mode="same"), 0.0, 1.0)
     peak = shadow.max()
-    a = shadow * (depth / peak)
-    # rim: where a slight blur of the filled shadow spreads outward, just outside its edge
-    filled = outline / outline.max()
-    spread = np.clip(ndimage.gaussian_filter(filled, rim_sigma, mode="constant") - filled, 0.0, None)
-    spread[filled > 0.5] = 0.0
-    rim_amp = float(np.clip(rng.uniform(0.3, 0.6) * depth, 0.004, 0.03)) * rng.uniform(0.8, 1.0)
-    r = rim_amp * spread / spread.max() if spread.max() > 0 else np.zeros_like(spread)
-    a[a < 1e-5] = 0.0
-    r[r < 1e-5] = 0.0
-    c = a.shape[0] // 2
-    centre_att = a[c, c]
-    donut = bool(obstruction > 0 and d_px >= 6 and centre_att < 0.7 * a.max())
-    return {"a": a, "r": r, "footprint_px": float(d_px), "particle_px": float(2 * particle_r),
-            "donut": donut}
+    if peak > cap:  # a particle is never perfectly opaque: near shadows saturate at 40-60 %
+        shadow *= cap / peak
+    envelope = np.clip(fftconvolve(sil, pupil(0.0), mode="same"), 0.0, None)
+    envelope /= max(envelope.max(), 1e-12)
+    spread = ndimage.gaussian_filter(envelope, sigma_rim, mode="constant", truncate=3.0)  # compact support
+    rim_shape = np.clip(spread - envelope, 0.0, None)
+    rim_shape /= max(rim_shape.max(), 1e-12)
+    depth = float(shadow.max())
+    rim_amp = min(rng.uniform(0.01, 0.03), 0.6 * depth)
+    gain = 1.0 - shadow + rim_amp * rim_shape
+    gain[np.abs(gain - 1.0) < 1e-6] = 1.0
+    cy, cx = int(round(centre[0])), int(round(centre[1]))
+    donut = bool(c > 0 and 1.0 - gain[cy, cx] < 0.7 * (1.0 - gain.min()))
+    return {
+        "kind": kind, "gain": gain, "half": half, "sub": sub, "distance_mm": distance,
+        "footprint_px": footprint, "particle_px": particle, "donut": donut,
+    }
 
 
-def _make_dust(config: SimConfig) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """True flat, dust labels and object records (exactly 1.0 / 0 away from every shadow)."""
-    h, w = config.height, config.width
+def _make_dust(cfg: SimConfig, disk: dict) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Render and place the dust: returns ``(true_flat, labels, objects)``."""
+    h, w = cfg.height, cfg.width
     flat = np.ones((h, w), dtype=np.float64)
     labels = np.zeros((h, w), dtype=np.int32)
-    if not config.dust or config.n_dust == 0:
+    if not cfg.dust or cfg.n_dust == 0:
         return flat.astype(np.float32), labels, []
-    best = np.zeros((h, w), dtype=np.float64)  # strongest attenuation so far, for labels
-    rng = _rng(config.seed, _STREAM_DUST, 1)
-    placed: list[tuple[float, float, float]] = []  # (y, x, radius)
-    objects = []
-    for k, (kind, distance, depth) in enumerate(_dust_plan(config), start=1):
-        probe = _dust_patch(_rng(config.seed, _STREAM_DUST, 2, k), config, distance, depth, (0.0, 0.0))
-        radius = 0.5 * (probe["footprint_px"] + probe["particle_px"]) + 1
-        margin = min(radius, 0.25 * min(h, w))
-        best_pos, best_gap = None, -np.inf
-        for _ in range(200):
-            y = rng.uniform(margin, h - 1 - margin)
-            x = rng.uniform(margin, w - 1 - margin)
-            gap = min((math.hypot(y - py, x - px) - radius - pr for py, px, pr in placed), default=np.inf)
-            if gap > best_gap:
-                best_pos, best_gap = (y, x), gap
-            if gap > 2:
+    strength = np.zeros((h, w), dtype=np.float64)
+    objects: list[dict] = []
+    placed: list[tuple[int, int, int, int]] = []
+    extents: list[tuple[tuple[slice, slice], np.ndarray]] = []
+    for label, kind in enumerate(_dust_kinds(cfg.n_dust), start=1):
+        rng = _rng(cfg.seed, _STREAM_DUST, label)  # one stream per object: placement stays local
+        d = _render_dust(cfg, kind, rng)
+        gain, half = d["gain"], d["half"]
+        rows, cols = np.nonzero(np.abs(gain - 1.0) > _LABEL_THRESHOLD)
+        if rows.size == 0:
+            rows, cols = np.array([half]), np.array([half])
+        ext = (rows.min() - half, rows.max() - half + 1, cols.min() - half, cols.max() - half + 1)
+
+        def conflict(yc: int, xc: int) -> float:
+            box = (yc + ext[0] - 2, yc + ext[1] + 2, xc + ext[2] - 2, xc + ext[3] + 2)
+            score = float(sum(_box_overlap(box, other) for other in placed))
+            if cfg.limb and not _inside_disk(disk, yc, xc, margin=half + 2):
+                score += 1e6
+            return score
+
+        lo_y, hi_y = -ext[0], h - ext[1]  # keep the visible shadow inside the frame if possible
+        lo_x, hi_x = -ext[2], w - ext[3]
+        best, best_score = None, np.inf
+        for _ in range(300):
+            yc = int(rng.integers(lo_y, hi_y + 1)) if hi_y >= lo_y else h // 2
+            xc = int(rng.integers(lo_x, hi_x + 1)) if hi_x >= lo_x else w // 2
+            score = conflict(yc, xc)
+            if score < best_score:
+                best, best_score = (yc, xc), score
+            if score == 0:
                 break
-        y, x = best_pos
-        placed.append((y, x, radius))
-        iy, ix = int(round(y)), int(round(x))
-        patch = _dust_patch(_rng(config.seed, _STREAM_DUST, 2, k), config, distance, depth,
-                            (y - iy, x - ix))
-        a, r = patch["a"], patch["r"]
-        gain = 1.0 - a + r
-        c = a.shape[0] // 2
-        y0, x0 = iy - c, ix - c
-        sy0, sx0 = max(y0, 0), max(x0, 0)
-        sy1, sx1 = min(y0 + a.shape[0], h), min(x0 + a.shape[1], w)
-        win = (slice(sy0, sy1), slice(sx0, sx1))
-        loc = (slice(sy0 - y0, sy1 - y0), slice(sx0 - x0, sx1 - x0))
-        flat[win] *= gain[loc]
-        mine = (a[loc] > _LABEL_THRESHOLD) & (a[loc] > best[win])
-        labels[win][mine] = k
-        best[win] = np.maximum(best[win], a[loc])
+        yc, xc = best
+        placed.append((yc + ext[0], yc + ext[1], xc + ext[2], xc + ext[3]))
+        # paste the patch (clipped to the frame)
+        y0, x0 = yc - half, xc - half
+        sy = slice(max(y0, 0), min(y0 + gain.shape[0], h))
+        sx = slice(max(x0, 0), min(x0 + gain.shape[1], w))
+        g = gain[sy.start - y0:sy.stop - y0, sx.start - x0:sx.stop - x0]
+        flat[sy, sx] *= g
+        dev = np.abs(g - 1.0)
+        own = dev > _LABEL_THRESHOLD
+        win = own & (dev > strength[sy, sx])
+        labels[sy, sx][win] = label
+        strength[sy, sx][win] = dev[win]
+        extents.append(((sy, sx), own))
+        changed_r, changed_c = np.nonzero(g != 1.0)
+        bbox = ([int(sy.start + changed_r.min()), int(sy.start + changed_r.max() + 1),
+                 int(sx.start + changed_c.min()), int(sx.start + changed_c.max() + 1)]
+                if changed_r.size else [int(sy.start), int(sy.start), int(sx.start), int(sx.start)])
         objects.append({
-            "label": k, "kind": kind, "y": float(y), "x": float(x),
-            "distance_mm": float(distance), "footprint_px": patch["footprint_px"],
-            "particle_px": patch["particle_px"], "depth": float(a.max()),
-            "rim": float(gain.max() - 1.0), "donut": patch["donut"],
+            "label": label, "kind": kind,
+            "y": float(yc + d["sub"][0]), "x": float(xc + d["sub"][1]),
+            "distance_mm": float(d["distance_mm"]), "footprint_px": float(d["footprint_px"]),
+            "particle_px": float(d["particle_px"]),
+            "depth": float(1.0 - gain.min()), "rim": float(gain.max() - 1.0),
+            "donut": d["donut"], "bbox": bbox,
         })
-    for obj in objects:
+    for obj, ((sy, sx), own) in zip(objects, extents):
         obj["area_px"] = int(np.count_nonzero(labels == obj["label"]))
+        others = np.unique(labels[sy, sx][own])
+        obj["overlaps_dust"] = [int(k) for k in others if k not in (0, obj["label"])]
+        obj["overlaps_dark_feature"] = False
     return flat.astype(np.float32), labels, objects
 
 
-# --------------------------------------------------------------------------- the Sun
-
-@dataclass(frozen=True)
-class _Look:
-    """How the Sun looks in one passband."""
-
-    limb_darkening: float  # u in I(mu) = 1 - u (1 - mu)
-    umbra: float  # intensity factors relative to the quiet Sun
-    penumbra: float
-    pore: tuple[float, float]
-    sky: float  # scattered light beyond the limb, relative to the disk
-
-
-_LOOKS = {
-    "white_light": _Look(0.60, 0.22, 0.75, (0.55, 0.75), 0.010),
-    "halpha": _Look(0.25, 0.45, 0.80, (0.60, 0.80), 0.020),
-    "cak": _Look(0.35, 0.50, 0.82, (0.60, 0.80), 0.015),
-}
-
-
-def _freqs(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Frequency grids (cycles/px) of an rfft2 of *shape*: fy (n, 1), fx (1, m//2+1)."""
-    return sfft.fftfreq(shape[0])[:, None], sfft.rfftfreq(shape[1])[None, :]
+# --------------------------------------------------------------------------- dark solar features
+def _feature_level(feat: dict, dy: np.ndarray, dx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Intensity factor (1 = quiet Sun) and inside-mask of a feature, at offsets from its centre."""
+    theta = np.arctan2(dy, dx)
+    if feat["kind"] == "sunspot":
+        r = np.hypot(dy, dx)
+        r_out = feat["radius"] * _modulate(theta, feat["shape"])
+        r_umb = feat["umbra_ratio"] * feat["radius"] * _modulate(theta, feat["umbra_shape"])
+        pen = feat["penumbra"] * (1.0 + 0.07 * np.cos(feat["n_fil"] * theta + 2.0 * np.sin(3 * theta)))
+        s_pen = np.clip(0.5 + (r_out - r), 0.0, 1.0)
+        s_umb = np.clip(0.5 + (r_umb - r), 0.0, 1.0)
+        level = 1.0 + s_pen * (pen - 1.0) + s_umb * (feat["umbra"] - pen)
+        return level, r <= r_out
+    a, q, t = feat["radius"], feat["axis_ratio"], feat["tilt"]
+    along = dx * np.cos(t) + dy * np.sin(t)
+    across = -dx * np.sin(t) + dy * np.cos(t)
+    rr = np.hypot(along, across / q) * math.sqrt(q)  # equal-area elliptical radius
+    level = 1.0 - feat["depth"] * np.clip(0.5 + (a - rr) / 1.2, 0.0, 1.0)
+    return level, rr <= a
 
 
-def _filtered_noise(spectrum: np.ndarray, transfer: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Real field with the given spectrum x transfer, normalised to zero mean, unit rms."""
-    field_ = sfft.irfft2(spectrum * transfer, s=shape, workers=_FFT_WORKERS).astype(np.float32)
-    field_ -= field_.mean()
-    field_ /= max(float(field_.std()), 1e-12)
-    return field_
-
-
-def _bandpass(f: np.ndarray, f0: float, width: float) -> np.ndarray:
-    return np.exp(-0.5 * ((f - f0) / width) ** 2).astype(np.float32)
-
-
-def _texture(kind: str, shape: tuple[int, int], rng: np.random.Generator,
-             spots: list[tuple[float, float, float]]) -> np.ndarray:
-    """Zero-mean relative intensity texture of the quiet Sun (float32, rms a few %)."""
-    white = sfft.rfft2(rng.standard_normal(shape, dtype=np.float32), workers=_FFT_WORKERS)
-    fy, fx = _freqs(shape)
-    f = np.hypot(fy, fx).astype(np.float32)
-    large = _filtered_noise(white, np.exp(-0.5 * (f / 0.004) ** 2), shape)  # ~250 px patches
-    white2 = sfft.rfft2(rng.standard_normal(shape, dtype=np.float32), workers=_FFT_WORKERS)
-    if kind == "white_light":
-        # granulation: bright cells ~7 px separated by dark lanes (zero crossings of band noise)
-        cells = np.abs(_filtered_noise(white2, _bandpass(f, 1 / 7.0, 0.35 / 7.0), shape))
-        cells = ndimage.gaussian_filter(cells, 0.6)
-        cells = (cells - cells.mean()) / cells.std()
-        meso = _filtered_noise(white2, _bandpass(f, 1 / 40.0, 0.5 / 40.0), shape)
-        return (0.035 * cells + 0.008 * meso + 0.01 * large).astype(np.float32)
-    if kind == "cak":
-        # chromospheric network: bright lanes around ~35 px supergranules, with bright points
-        n = _filtered_noise(white2, _bandpass(f, 1 / 35.0, 0.4 / 35.0), shape)
-        network = np.exp(-((n / 0.35) ** 2))
-        points = _filtered_noise(white, _bandpass(f, 1 / 5.0, 0.3 / 5.0), shape)
-        network = network * (1 + 0.6 * np.clip(points, 0, None))
-        network = (network - network.mean()) / network.std()
-        fine = _filtered_noise(white2, _bandpass(f, 1 / 6.0, 0.4 / 6.0), shape)
-        return (0.08 * network + 0.02 * fine + 0.03 * large).astype(np.float32)
-    # H-alpha: dark elongated fibrils following a smooth orientation field (radial around
-    # sunspots, like superpenumbral fibrils), on mottles and large bright/dark patches
-    yy, xx = np.ogrid[: shape[0], : shape[1]]
-    orient = np.pi * _filtered_noise(white2, np.exp(-0.5 * (f / 0.006) ** 2), shape)
-    for sy, sx, sr in spots:
-        weight = np.exp(-(((yy - sy) ** 2 + (xx - sx) ** 2) / (2 * (3.0 * sr) ** 2)))
-        radial = np.arctan2(yy - sy, xx - sx)
-        # blend angles through their doubled-angle vectors (orientation is mod pi)
-        vy = (1 - weight) * np.sin(2 * orient) + weight * np.sin(2 * radial)
-        vx = (1 - weight) * np.cos(2 * orient) + weight * np.cos(2 * radial)
-        orient = (0.5 * np.arctan2(vy, vx)).astype(np.float32)
-    n_dir = 6
-    fibrils = np.zeros(shape, dtype=np.float32)
-    wsum = np.zeros(shape, dtype=np.float32)
-    w2sum = np.zeros(shape, dtype=np.float32)
-    for j in range(n_dir):
-        th = np.pi * j / n_dir
-        k_par = fy * np.cos(th) + fx * np.sin(th)  # along the fibril: long (~25 px)
-        k_perp = -fy * np.sin(th) + fx * np.cos(th)  # across it: ~3-4 px wide
-        transfer = (np.exp(-0.5 * (k_par / 0.012) ** 2) * np.exp(-0.5 * (k_perp / 0.12) ** 2)
-                    * (1 - np.exp(-0.5 * (k_perp / 0.03) ** 2))).astype(np.float32)
-        part = _filtered_noise(white2 if j % 2 else white, transfer, shape)
-        wj = np.cos(orient - th) ** 8
-        fibrils += wj * part
-        wsum += wj
-        w2sum += wj * wj
-    fibrils /= np.sqrt(np.maximum(w2sum, 1e-6))
-    fibrils = fibrils - 0.25 * (np.clip(fibrils, 0, None) ** 2)  # darker, narrower fibrils
-    fibrils = (fibrils - fibrils.mean()) / fibrils.std()
-    mottles = _filtered_noise(white2, _bandpass(f, 1 / 14.0, 0.5 / 14.0), shape)
-    amplitude = np.clip(1 + 0.35 * large, 0.4, None)
-    return (amplitude * (0.055 * fibrils + 0.025 * mottles) + 0.03 * large).astype(np.float32)
-
-
-def _place_features(config: SimConfig, forbidden: np.ndarray, rng: np.random.Generator,
-                    on_disk) -> list[dict]:
-    """Positions (sensor coordinates, mean Sun position) and sizes of sunspots and pores."""
-    h, w = config.height, config.width
-    side = min(h, w)
-    specs = []
-    for _ in range(config.n_sunspots):
-        r = float(min(rng.uniform(5.0, 20.0), max(side / 6.0, 5.0)))
-        specs.append(("sunspot", r, float(rng.uniform(0.35, 0.5) * r)))
-    for _ in range(config.n_pores):
-        specs.append(("pore", float(rng.uniform(1.5, 4.0)), 0.0))
-    grown = ndimage.binary_dilation(forbidden, iterations=3) if forbidden.any() else forbidden
-    integral = np.pad(grown.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-
-    def overlap(y: float, x: float, r: float) -> int:
-        y0, y1 = max(int(y - r), 0), min(int(y + r) + 2, h)
-        x0, x1 = max(int(x - r), 0), min(int(x + r) + 2, w)
-        return int(integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0])
-
+def _make_features(cfg: SimConfig, disk: dict, dust_mask: np.ndarray) -> list[dict]:
+    """Draw sunspots and pores at the mean Sun position, away from dust where possible."""
+    rng = _rng(cfg.seed, _STREAM_FEATURES)
+    h, w = cfg.height, cfg.width
+    dist = ndimage.distance_transform_edt(~dust_mask) if dust_mask.any() else np.full((h, w), np.inf)
+    motion = cfg.drift_px / 2 + 2 * cfg.jitter_px + 2  # keep clear of dust over the whole video
     features: list[dict] = []
-    for kind, r, ru in specs:
-        margin = min(r + 3, side / 2 - 1)
-        best, best_cost = None, np.inf
-        for _ in range(300):
-            y = rng.uniform(margin, h - 1 - margin)
-            x = rng.uniform(margin, w - 1 - margin)
-            crowd = sum(max(0.0, f["radius_px"] + r + 4 - math.hypot(y - f["y"], x - f["x"]))
-                        for f in features)
-            cost = overlap(y, x, r + 1) + crowd + (0 if on_disk(y, x, r + 4) else 1e6)
-            if cost < best_cost:
-                best, best_cost = (y, x), cost
-            if cost == 0:
+    max_spot = max(4.0, min(40.0, 0.25 * min(h, w)))
+    for kind in ["sunspot"] * cfg.n_sunspots + ["pore"] * cfg.n_pores:
+        if kind == "sunspot":
+            diameter = rng.uniform(min(10.0, max_spot), max_spot)
+            feat = {
+                "kind": kind, "radius": diameter / 2,
+                "shape": _radial_harmonics(rng, range(2, 5), 0.08),
+                "umbra_shape": _radial_harmonics(rng, range(2, 4), 0.08),
+                "umbra_ratio": rng.uniform(0.38, 0.48), "umbra": rng.uniform(*_UMBRA[cfg.texture]),
+                "penumbra": rng.uniform(*_PENUMBRA[cfg.texture]), "n_fil": int(rng.integers(24, 48)),
+            }
+            reach = feat["radius"] * 1.3
+        else:
+            diameter = rng.uniform(3.0, 8.0)
+            feat = {"kind": kind, "radius": diameter / 2, "axis_ratio": rng.uniform(0.7, 1.0),
+                    "tilt": rng.uniform(0, np.pi), "depth": rng.uniform(0.45, 0.65)}
+            reach = feat["radius"] * 1.25 + 1
+        feat["diameter_px"] = float(diameter)
+        margin = int(math.ceil(reach + 2))
+        best, best_score = None, np.inf
+        for _ in range(400):
+            y = rng.uniform(margin, h - 1 - margin) if h - 1 > 2 * margin else (h - 1) / 2
+            x = rng.uniform(margin, w - 1 - margin) if w - 1 > 2 * margin else (w - 1) / 2
+            score = max(0.0, reach + motion - float(dist[int(round(y)), int(round(x))]))
+            score += sum(max(0.0, reach + f["reach"] + 3 - math.hypot(y - f["y"], x - f["x"])) for f in features)
+            if not _inside_disk(disk, y, x, margin=reach + motion + 2):
+                score += 1e6
+            if score < best_score:
+                best, best_score = (y, x), score
+            if score == 0:
                 break
-        features.append({"kind": kind, "y": float(best[0]), "x": float(best[1]),
-                         "radius_px": r, "umbra_radius_px": ru})
+        feat["y"], feat["x"], feat["reach"] = float(best[0]), float(best[1]), float(reach)
+        features.append(feat)
     return features
 
 
-def _feature_patch(feature: dict, look: _Look, rng: np.random.Generator,
-                   frac: tuple[float, float]) -> np.ndarray:
-    """Multiplicative intensity factor (<= 1) of one sunspot or pore on a square patch."""
-    r = feature["radius_px"]
-    half = math.ceil(r + 4)
-    yy, xx = np.mgrid[-half: half + 1, -half: half + 1].astype(np.float64)
-    yy -= frac[0]
-    xx -= frac[1]
-    q = rng.uniform(0.7, 1.0)
-    alpha = rng.uniform(0, np.pi)
-    u = (xx * math.cos(alpha) + yy * math.sin(alpha)) / math.sqrt(q)
-    v = (-xx * math.sin(alpha) + yy * math.cos(alpha)) * math.sqrt(q)
-    theta = np.arctan2(v, u)
-    rho = np.hypot(u, v)
+def _paint_features(features: list[dict], shape: tuple[int, int], offset: tuple[float, float],
+                    out_level: np.ndarray | None = None, out_mask: np.ndarray | None = None) -> None:
+    """Multiply feature levels into ``out_level`` and OR their masks into ``out_mask``.
 
-    def wobble(amp: float, orders) -> np.ndarray:
-        return 1 + sum(rng.uniform(0, amp) * np.cos(m * theta + rng.uniform(0, 2 * np.pi))
-                       for m in orders)
+    A feature at sensor ``(y, x)`` lands at grid position ``(y + offset[0], x + offset[1])``.
+    """
+    for feat in features:
+        cy, cx = feat["y"] + offset[0], feat["x"] + offset[1]
+        r = int(math.ceil(feat["reach"] + 2))
+        y0, y1 = max(int(cy) - r, 0), min(int(cy) + r + 2, shape[0])
+        x0, x1 = max(int(cx) - r, 0), min(int(cx) + r + 2, shape[1])
+        if y0 >= y1 or x0 >= x1:
+            continue
+        dy = (np.arange(y0, y1) - cy)[:, None]
+        dx = (np.arange(x0, x1) - cx)[None, :]
+        level, inside = _feature_level(feat, dy + 0 * dx, dx + 0 * dy)
+        if out_level is not None:
+            out_level[y0:y1, x0:x1] *= level
+        if out_mask is not None:
+            out_mask[y0:y1, x0:x1] |= inside
 
-    if feature["kind"] == "pore":
-        level = rng.uniform(*look.pore)
-        occ = _disk_occupancy(rho, r * wobble(0.08, (2, 3)))
-        factor = 1 - (1 - level) * occ
-    else:
-        pen = _disk_occupancy(rho, r * wobble(0.08, (2, 3, 4)))
-        umb = _disk_occupancy(rho, feature["umbra_radius_px"] * wobble(0.12, (2, 3)))
-        filaments = 1 + 0.1 * sum(np.cos(m * theta + rng.uniform(0, 2 * np.pi))
-                                  for m in rng.integers(12, 40, 4)) / 2
-        pen_level = np.clip(look.penumbra * filaments, 0, 1)
-        umbra_level = look.umbra * (0.85 + 0.15 * np.clip(rho / max(feature["umbra_radius_px"], 1), 0, 1))
-        factor = 1 - pen * (1 - pen_level)
-        factor = factor * (1 - umb) + umb * umbra_level
-    return 1 - ndimage.gaussian_filter(1 - factor, 0.5, mode="constant")
+
+def _public_feature(feat: dict, dust_labels: np.ndarray, mask_one: np.ndarray) -> dict:
+    hits = np.unique(dust_labels[mask_one])
+    return {"kind": feat["kind"], "y": feat["y"], "x": feat["x"], "diameter_px": feat["diameter_px"],
+            "radius_px": feat["diameter_px"] / 2, "overlaps_dust": [int(k) for k in hits if k > 0]}
+
+
+# --------------------------------------------------------------------------- texture
+def _freq(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    fy = sfft.fftfreq(shape[0]).astype(np.float32)[:, None]
+    fx = sfft.rfftfreq(shape[1]).astype(np.float32)[None, :]
+    return fy, fx
+
+
+def _unit(field_: np.ndarray) -> np.ndarray:
+    field_ = field_ - field_.mean()
+    return field_ / max(float(field_.std()), 1e-12)
+
+
+def _filtered(spec: np.ndarray, transfer: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return _unit(sfft.irfft2(spec * transfer, s=shape, workers=_WORKERS))
+
+
+def _ring(f: np.ndarray, f0: float, rel_width: float) -> np.ndarray:
+    return np.exp(-0.5 * ((f - f0) / (rel_width * f0)) ** 2)
+
+
+def _lowpass(f: np.ndarray, sigma_px: float) -> np.ndarray:
+    return np.exp(-2.0 * np.pi ** 2 * sigma_px ** 2 * f ** 2)
+
+
+def _texture(cfg: SimConfig, shape: tuple[int, int]) -> np.ndarray:
+    """Zero-mean relative texture (e.g. 0.05 = 5 % brighter) on the canvas, float32."""
+    rng = _rng(cfg.seed, _STREAM_TEXTURE)
+    fy, fx = _freq(shape)
+    f = np.hypot(fy, fx)
+
+    def noise_spec() -> np.ndarray:
+        return sfft.rfft2(rng.standard_normal(shape, dtype=np.float32), workers=_WORKERS)
+
+    if cfg.texture == "white_light":  # granulation: bright cells, narrow dark lanes
+        n = _filtered(noise_spec(), _ring(f, 1 / 5.5, 0.35), shape)
+        tex = 0.035 * _unit(n - 0.25 * (n * n - 1.0))
+    elif cfg.texture == "cak":  # chromospheric network, bright grains, plage
+        n = _filtered(noise_spec(), _ring(f, 1 / 45, 0.6), shape)
+        patches = _filtered(noise_spec(), _ring(f, 1 / 20, 0.6), shape)  # breaks the lanes up
+        network = _unit(np.exp(-(n / 0.45) ** 2) * np.clip(0.5 + 0.5 * patches, 0.0, 1.0))
+        grains = _filtered(noise_spec(), _ring(f, 1 / 4, 0.4), shape)
+        plage = _filtered(noise_spec(), _lowpass(f, 50.0), shape)
+        tex = 0.10 * network + 0.03 * grains + 0.15 * np.clip(plage - 0.8, 0.0, None)
+    else:  # halpha: fibrils whose orientation varies smoothly, mottles, bright plage
+        spec = noise_spec()
+        angle = 1.2 * _filtered(noise_spec(), _lowpass(f, 100.0), shape)
+        fib = np.zeros(shape, dtype=np.float32)
+        norm = np.zeros(shape, dtype=np.float32)
+        ring = _ring(f, 1 / 7, 0.5)
+        for k in range(6):
+            t = k * np.pi / 6
+            f_par = fx * np.float32(np.cos(t)) + fy * np.float32(np.sin(t))  # along the fibril
+            part = _filtered(spec, ring * np.exp(-0.5 * (f_par / 0.03) ** 2), shape)
+            wk = np.cos(angle - t) ** 8
+            fib += wk * part
+            norm += wk * wk
+        fib = _unit(fib / np.sqrt(norm + 1e-6))
+        mottles = _filtered(noise_spec(), _ring(f, 1 / 25, 0.5), shape)
+        plage = _filtered(noise_spec(), _lowpass(f, 40.0), shape)
+        tex = 0.07 * fib + 0.035 * mottles + 0.08 * np.clip(plage - 1.0, 0.0, None)
+    tex = tex - tex.mean()
+    return tex.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- scene
+def make_scene(config: SimConfig) -> Scene:
+    """Build the ground truth and the Sun's spectrum for *config* (deterministic).
+
+    Cost: a few FFTs of the canvas (about the frame size plus the motion
+    margin); well under a second at 640 x 480, a few seconds at 1920 x 1200.
+    """
+    cfg = config
+    cfg.validate()
+    h, w = cfg.height, cfg.width
+    shifts, blur = _make_motion(cfg)
+    mean_shift = shifts.mean(axis=0)
+    disk = _make_disk(cfg)
+    true_flat, labels, objects = _make_dust(cfg, disk)
+    features = _make_features(cfg, disk, labels > 0)
+
+    # truth: dark features at the mean position, and who overlaps whom
+    dark = np.zeros((h, w), dtype=bool)
+    public_features = []
+    for feat in features:
+        one = np.zeros((h, w), dtype=bool)
+        _paint_features([feat], (h, w), (0.0, 0.0), out_mask=one)
+        dark |= one
+        public_features.append(_public_feature(feat, labels, one))
+    hit = set(np.unique(labels[dark]).tolist()) - {0}
+    for obj in objects:
+        obj["overlaps_dark_feature"] = obj["label"] in hit
+
+    # the canvas: frame + largest shift + blur + taper, FFT-friendly
+    need = int(math.ceil(np.abs(shifts - mean_shift).max() + np.abs(mean_shift).max()
+                         + 4 * (blur.max() if blur.size else 0) + 6))
+    taper = 24
+    margin = need + taper
+    shape = (sfft.next_fast_len(h + 2 * margin, real=True), sfft.next_fast_len(w + 2 * margin, real=True))
+    origin = (margin, margin)
+    to_canvas = (origin[0] - mean_shift[0], origin[1] - mean_shift[1])  # sensor (mean) -> canvas
+    level = np.ones(shape, dtype=np.float64)
+    _paint_features(features, shape, to_canvas, out_level=level)
+    ld, edge, sky = _large_scale(cfg, disk, shape, to_canvas)
+    tex = _texture(cfg, shape)
+    sun = edge * ld * np.clip(level * (1.0 + tex * level), 0.05, None) + sky
+
+    # normalise: mean of the disk in the field at the mean position = signal_adu
+    oy, ox = int(round(to_canvas[0])), int(round(to_canvas[1]))
+    crop, on_disk = sun[oy:oy + h, ox:ox + w], edge[oy:oy + h, ox:ox + w] > 0.5
+    sun *= cfg.signal_adu / float(crop[on_disk].mean() if on_disk.any() else crop.mean())
+
+    # taper the outer margin to a constant so the canvas is periodic (no FFT wrap ringing)
+    fill = float(sun.mean())
+    win = np.outer(_taper(shape[0], taper), _taper(shape[1], taper))
+    sun = win * sun + (1.0 - win) * fill
+    spectrum = sfft.rfft2(sun.astype(np.float32), workers=_WORKERS)
+    return Scene(
+        config=cfg, true_flat=true_flat, dust_labels=labels, dust_objects=objects,
+        dark_feature_mask=dark, shifts=shifts, blur_sigmas=blur, dark_features=public_features,
+        disk=disk, _spectrum=spectrum, _origin=origin, _canvas_shape=shape,
+    )
 
 
 def _taper(n: int, width: int) -> np.ndarray:
-    w = np.ones(n)
+    """1 in the middle, raised-cosine to 0 over *width* samples at both ends."""
+    out = np.ones(n)
     ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(width) + 0.5) / width)
-    w[:width] = ramp
-    w[n - width:] = np.minimum(w[n - width:], ramp[::-1])
-    return w
+    out[:width] = ramp
+    out[n - width:] = ramp[::-1]
+    return out
 
 
-def _make_sun(config: SimConfig, pad: int, canvas_shape: tuple[int, int],
-              dust_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[dict], dict]:
-    """The Sun in ADU on the padded canvas, the feature mask (sensor, shift 0), features, geometry."""
-    h, w = config.height, config.width
-    look = _LOOKS[config.texture]
-    rng = _rng(config.seed, _STREAM_DISK)
-    fc = (pad + (h - 1) / 2, pad + (w - 1) / 2)  # field centre on the canvas
-    angle = rng.uniform(0, 2 * np.pi)
-    direction = np.array([np.sin(angle), np.cos(angle)])
-    if config.limb:
-        radius = 2.0 * max(h, w)
-        centre = np.array(fc) - direction * (radius - 0.25 * min(h, w))
-    else:
-        radius = 4.0 * max(h, w)
-        centre = np.array(fc) - direction * 0.45 * radius
-
-    def on_disk(y: float, x: float, margin: float) -> bool:
-        return math.hypot(y + pad - centre[0], x + pad - centre[1]) < radius - margin
-
-    features = _place_features(config, dust_labels > 0, _rng(config.seed, _STREAM_FEATURES, 0), on_disk)
-    yy, xx = np.ogrid[: canvas_shape[0], : canvas_shape[1]]
-    dist = np.hypot((yy - centre[0]).astype(np.float32), (xx - centre[1]).astype(np.float32))
-    mu = np.sqrt(np.clip(1 - (dist / radius) ** 2, 0, 1))
-    darkening = 1 - look.limb_darkening * (1 - mu)
-    disk = 0.5 * (1 - np.tanh((dist - radius) / 1.0))  # limb about a pixel wide
-    sky = look.sky * np.exp(-np.clip(dist - radius, 0, None) / (0.3 * min(h, w)))
-
-    factor = np.ones(canvas_shape, dtype=np.float32)
-    for i, feat in enumerate(features):
-        cy, cx = feat["y"] + pad, feat["x"] + pad
-        iy, ix = int(round(cy)), int(round(cx))
-        patch = _feature_patch(feat, look, _rng(config.seed, _STREAM_FEATURES, 1, i), (cy - iy, cx - ix))
-        c = patch.shape[0] // 2
-        factor[iy - c: iy + c + 1, ix - c: ix + c + 1] *= patch.astype(np.float32)
-        feat["depth"] = float(1 - patch.min())
-    spots = [(f["y"] + pad, f["x"] + pad, f["radius_px"]) for f in features if f["kind"] == "sunspot"]
-    texture = _texture(config.texture, canvas_shape, _rng(config.seed, _STREAM_TEXTURE), spots)
-
-    sun = darkening * factor * (1 + texture * factor ** 2)
-    sun = (disk * sun + (1 - disk) * sky).astype(np.float32)
-    field_view = (slice(pad, pad + h), slice(pad, pad + w))
-    on = disk[field_view] > 0.5
-    level = float(sun[field_view][on].mean()) if on.any() else float(sun[field_view].mean())
-    sun *= np.float32(config.signal_adu / level)
-    # taper the canvas edges to its mean so the periodic FFT canvas has no seam
-    mean = float(sun.mean())
-    window = np.outer(_taper(canvas_shape[0], _TAPER_PX), _taper(canvas_shape[1], _TAPER_PX))
-    sun = (mean + (sun - mean) * window).astype(np.float32)
-    mask = factor[field_view] < _FEATURE_THRESHOLD
-    geometry = {"disk_center_yx": [float(centre[0] - pad), float(centre[1] - pad)],
-                "disk_radius_px": float(radius), "limb_darkening_u": look.limb_darkening,
-                "texture": config.texture, "disk_level_normaliser": level}
-    return sun, mask, features, geometry
-
-
-# --------------------------------------------------------------------------- public API
-
-def make_scene(config: SimConfig | None = None) -> Scene:
-    """Build everything fixed for a video: motion, dust (true flat), the Sun and its features.
-
-    Parameters
-    ----------
-    config : SimConfig, optional
-        Defaults to ``SimConfig()``.
-
-    Returns
-    -------
-    Scene
-    """
-    config = config or SimConfig()
-    config.validate()
-    shifts, sigmas = _motion(config)
-    true_flat, labels, objects = _make_dust(config)
-    max_shift = float(np.abs(shifts).max()) if shifts.size else 0.0
-    pad = math.ceil(max_shift + 4 * float(sigmas.max())) + _TAPER_PX + 2
-    canvas_shape = (sfft.next_fast_len(config.height + 2 * pad),
-                    sfft.next_fast_len(config.width + 2 * pad, real=True))
-    sun, feature_mask, features, geometry = _make_sun(config, pad, canvas_shape, labels)
-    spectrum = sfft.rfft2(sun, workers=_FFT_WORKERS).astype(np.complex64)
-    fy, fx = _freqs(canvas_shape)
-    return Scene(config=config, true_flat=true_flat, dust_labels=labels, dust_objects=objects,
-                 dark_feature_mask=feature_mask, dark_features=features, shifts=shifts,
-                 blur_sigmas=sigmas, sun=geometry, pad=pad, sun_canvas=sun, _spectrum=spectrum,
-                 _fy=fy.ravel(), _fx=fx.ravel())
-
-
+# --------------------------------------------------------------------------- frames
 def _check_index(scene: Scene, index: int) -> int:
     n = scene.config.n_frames
     if not -n <= index < n:
-        raise IndexError(f"frame {index} out of range (video has {n} frames)")
+        raise IndexError(f"frame index {index} out of range for {n} frames")
     return index % n
 
 
 def clean_sun(scene: Scene, index: int) -> np.ndarray:
-    """The noise-free, dust-free Sun of frame *index* in ADU: float32 ``(H, W)``.
+    """Noiseless Sun of frame *index*, without dust: float32 ``(H, W)`` in ADU.
 
-    Shifted and seeing-blurred exactly as in :func:`render_frame`, but neither
-    multiplied by the true flat nor noisy: the ideal calibrated frame.
+    The canvas spectrum times a phase ramp (the shift) and a Gaussian transfer
+    function (the seeing blur), inverse-transformed only on the rows that are
+    cropped to the sensor.
     """
     index = _check_index(scene, index)
-    h, w, pad = scene.config.height, scene.config.width, scene.pad
+    cfg = scene.config
     dy, dx = (float(v) for v in scene.shifts[index])
     sigma = float(scene.blur_sigmas[index])
-    if dy == 0 and dx == 0 and sigma == 0:
-        return scene.sun_canvas[pad: pad + h, pad: pad + w].copy()
-    two_pi2s2 = 2 * np.pi ** 2 * sigma ** 2
-    ay = np.exp(-2j * np.pi * scene._fy * dy - two_pi2s2 * scene._fy ** 2).astype(np.complex64)
-    ax = np.exp(-2j * np.pi * scene._fx * dx - two_pi2s2 * scene._fx ** 2).astype(np.complex64)
-    spec = np.multiply(scene._spectrum, ay[:, None])
-    spec *= ax[None, :]
-    shape = scene.sun_canvas.shape
-    out = sfft.irfft2(spec, s=shape, workers=_FFT_WORKERS, overwrite_x=True)
-    return np.ascontiguousarray(out[pad: pad + h, pad: pad + w], dtype=np.float32)
-
-
-def expected_frame(scene: Scene, index: int) -> np.ndarray:
-    """The noise-free frame *index* in ADU (clean Sun x true flat), float32, unclipped."""
-    sun = clean_sun(scene, index)
-    sun *= scene.true_flat
-    return sun
+    hc, wc = scene._canvas_shape
+    oy, ox = scene._origin
+    fy = sfft.fftfreq(hc)
+    fx = sfft.rfftfreq(wc)
+    k = -2.0 * np.pi ** 2 * sigma ** 2
+    ay = np.exp(-2j * np.pi * fy * dy + k * fy ** 2).astype(np.complex64)
+    ax = np.exp(-2j * np.pi * fx * dx + k * fx ** 2).astype(np.complex64)
+    cols = sfft.ifft(scene._spectrum * ay[:, None], axis=0, overwrite_x=True, workers=_WORKERS)
+    rows = cols[oy:oy + cfg.height]
+    rows *= ax[None, :]
+    sun = sfft.irfft(rows, n=wc, axis=1, workers=_WORKERS)[:, ox:ox + cfg.width]
+    return np.ascontiguousarray(sun, dtype=np.float32)
 
 
 def render_frame(scene: Scene, index: int) -> np.ndarray:
     """Frame *index* as the camera records it: uint16 ``(H, W)``.
 
-    The expected signal (:func:`expected_frame`) with shot noise (exact Poisson
-    below 200 photons, a Gaussian of the same variance above, where the two are
-    indistinguishable after rounding) and Gaussian read noise, rounded and
-    clipped to ``[0, 65535]``. Deterministic given ``(seed, index)``.
+    ``clean_sun x true_flat``, plus shot noise and read noise, rounded and
+    clipped to ``[0, 65535]``. Deterministic given ``(config, index)``.
     """
     index = _check_index(scene, index)
     cfg = scene.config
-    rng = _rng(cfg.seed, _STREAM_FRAME, index)
-    signal = expected_frame(scene, index)
-    np.maximum(signal, 0, out=signal)
-    ppa = cfg.photons_per_adu
-    shot = math.isfinite(ppa)
-    variance = signal / np.float32(ppa) if shot else np.zeros_like(signal)
-    variance += np.float32(cfg.read_noise_adu ** 2)
-    noise = rng.standard_normal(signal.shape, dtype=np.float32)
-    noise *= np.sqrt(variance, out=variance)
-    out = signal + noise
-    if shot:
-        low = signal * np.float32(ppa) < _EXACT_POISSON_BELOW
-        if low.any():
-            photons = rng.poisson(signal[low].astype(np.float64) * ppa)
-            read = rng.standard_normal(photons.shape) * cfg.read_noise_adu
-            out[low] = photons / ppa + read
-    np.rint(out, out=out)
-    np.clip(out, 0, 65535, out=out)
-    return out.astype(np.uint16)
+    signal = clean_sun(scene, index)
+    signal *= scene.true_flat
+    np.maximum(signal, 0.0, out=signal)
+    rng = _rng(cfg.seed, _STREAM_NOISE, index)
+    z = rng.standard_normal(signal.shape, dtype=np.float32)
+    ppa = float(cfg.photons_per_adu)
+    read2 = np.float32(cfg.read_noise_adu ** 2)
+    if math.isfinite(ppa):
+        sd = np.sqrt(signal * np.float32(1.0 / ppa) + read2)
+        photons = signal * np.float32(ppa)
+        low = photons < _POISSON_BELOW
+        frame = signal + sd * z
+        if low.any():  # the Gaussian approximation is poor at a few photons: draw them exactly
+            frame[low] = (rng.poisson(photons[low]) / ppa + cfg.read_noise_adu * z[low]).astype(np.float32)
+    else:
+        frame = signal + np.float32(cfg.read_noise_adu) * z
+    np.clip(frame, 0.0, 65535.0, out=frame)
+    np.rint(frame, out=frame)
+    return frame.astype(np.uint16)
 
 
 def iter_frames(scene: Scene, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
-    """Yield frames ``start .. stop-1`` (default: all) as uint16 arrays, one at a time."""
+    """Yield the uint16 frames ``start .. stop - 1`` (default: all) one at a time."""
     stop = scene.config.n_frames if stop is None else min(stop, scene.config.n_frames)
     for i in range(start, stop):
         yield render_frame(scene, i)
 
 
-def _versions() -> dict[str, str]:
-    import astropy
+# --------------------------------------------------------------------------- files
+def _ser_ticks(index: int) -> int:
+    """SER timestamp: 100 ns ticks since 0001-01-01 (UTC) of frame *index*."""
+    delta = _START_TIME - _dt.datetime(1, 1, 1)
+    base = (delta.days * 86400 + delta.seconds) * 10_000_000
+    return base + int(round(index * 1e7 / FRAME_RATE_HZ))
+
+
+def _truth(scene: Scene) -> dict[str, Any]:
     import scipy
 
     from . import __version__
 
-    return {"aiflat_local": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
-            "astropy": astropy.__version__, "python": platform.python_version()}
-
-
-def truth_dict(scene: Scene, paths: SimPaths | None = None) -> dict[str, Any]:
-    """The JSON-ready ground truth of *scene* (what ``truth.json`` holds)."""
-    out: dict[str, Any] = {
-        "format": "aiflat-local simulated truth",
-        "format_version": 1,
-        "conventions": {
-            "orientation": "row 0 = first SER row (sensor orientation)",
-            "flat": "gain, 1.0 = no attenuation, exactly 1.0 away from dust",
-            "shifts": "(dy, dx) of the Sun in each frame, px, mean 0; dark features drawn at shift 0",
-            "labels": f"dust object k where it attenuates by more than {_LABEL_THRESHOLD:.0%}",
-        },
+    return {
+        "simulator": "aiflat_local.synth", "sim_version": SIM_VERSION,
         "config": asdict(scene.config),
+        "conventions": {
+            "flat": "1.0 = no attenuation; true_flat.fits is float32",
+            "shifts": "(dy, dx) px: frame i at (y, x) shows the zero-shift Sun at (y - dy, x - dx)",
+            "dust_labels": "k > 0 where dust object k changes the flat by more than 1 %",
+            "dark_features": "sunspots and pores at the mean Sun position",
+            "rows": "row 0 = first SER row (FITS files are stored bottom-up with ROWORDER)",
+        },
         "objects": scene.dust_objects,
         "dark_features": scene.dark_features,
-        "shifts": [[float(dy), float(dx)] for dy, dx in scene.shifts],
+        "disk": scene.disk,
+        "shifts": [[float(a), float(b)] for a, b in scene.shifts],
+        "mean_shift": [float(v) for v in scene.shifts.mean(axis=0)],
         "blur_sigmas": [float(s) for s in scene.blur_sigmas],
-        "sun": scene.sun,
-        "versions": _versions(),
+        "frame_rate_hz": FRAME_RATE_HZ,
+        "counts": {
+            "dust_objects": len(scene.dust_objects),
+            "dust_pixels": int(np.count_nonzero(scene.dust_labels)),
+            "dark_feature_pixels": int(np.count_nonzero(scene.dark_feature_mask)),
+        },
+        "versions": {"aiflat_local": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
+                     "python": platform.python_version()},
     }
-    if paths is not None:
-        out["files"] = {k: Path(getattr(paths, k)).name for k in
-                        ("video", "true_flat", "dust_mask", "dust_labels", "dark_features")}
-    return out
 
 
-def simulate(out_dir: str | os.PathLike, config: SimConfig | None = None,
-             progress: bool = False) -> SimPaths:
-    """Write a simulated dusty solar video and its ground truth into *out_dir*.
+def simulate(out_dir: str | os.PathLike, config: SimConfig | None = None, progress: bool = False) -> SimPaths:
+    """Simulate a dusty video and write it with its ground truth into *out_dir*.
 
-    Frames are rendered and streamed into ``video.ser`` (16-bit mono) one at a
-    time, never all held in memory. Beside it: ``true_flat.fits`` (float32),
-    ``dust_labels.fits`` (int32), ``dust_mask.png`` and ``dark_features.png``
-    (8-bit, 255 = set) and ``truth.json`` (config, dust objects, dark
-    features, shifts, versions). Every file is written atomically.
-
-    Returns
-    -------
-    SimPaths
+    Writes ``video.ser`` (16-bit mono, frames streamed one at a time, with
+    timestamps), ``true_flat.fits`` (float32, 1.0 = no attenuation),
+    ``dust_mask.png`` (255 = dust), ``dust_labels.fits`` (int32),
+    ``dark_features.png`` (255 = sunspot/pore at the mean position) and
+    ``truth.json`` (config, dust objects, dark features, shifts, versions).
+    Every file appears only when complete.
     """
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     from .io import write_fits, write_mask
-    from .io._atomic import atomic_path, check_writable_dir
+    from .io._atomic import check_writable_dir
     from .io.ser import SerHeader, SerWriter
 
-    config = config or SimConfig()
-    paths = SimPaths.in_directory(out_dir)
-    check_writable_dir(paths.directory)
-    scene = make_scene(config)
-    h, w, n = config.height, config.width, config.n_frames
-    start = (_SER_START - _SER_EPOCH).days * 864_000_000_000 + (_SER_START - _SER_EPOCH).seconds * 10_000_000
-    header = SerHeader(color_id=0, little_endian_flag=0, width=w, height=h, pixel_depth=16,
-                       frame_count=0, observer="aiflat-local simulator",
-                       instrument=f"simulated {config.texture} seed {config.seed}",
-                       telescope=f"f/{config.f_ratio:g} simulated", date_time=start,
-                       date_time_utc=start)
-    stamps = [start + i * _FRAME_INTERVAL_TICKS for i in range(n)]
-    with SerWriter(paths.video, width=w, height=h, dtype=np.uint16, like=header,
+    cfg = config or SimConfig()
+    directory = Path(out_dir)
+    check_writable_dir(directory)
+    scene = make_scene(cfg)
+    paths = SimPaths(
+        directory=directory, video=directory / "video.ser", true_flat=directory / "true_flat.fits",
+        dust_mask=directory / "dust_mask.png", dust_labels=directory / "dust_labels.fits",
+        dark_features=directory / "dark_features.png", truth=directory / "truth.json",
+    )
+    start = _ser_ticks(0)
+    header = SerHeader(0, 0, cfg.width, cfg.height, 16, 0, observer="aiflat-local simulator",
+                       instrument=f"synth v{SIM_VERSION} seed {cfg.seed}",
+                       telescope=f"f/{cfg.f_ratio:g}", date_time=start, date_time_utc=start)
+    stamps = [_ser_ticks(i) for i in range(cfg.n_frames)]
+    with SerWriter(paths.video, width=cfg.width, height=cfg.height, dtype=np.uint16, like=header,
                    timestamps=stamps) as writer:
-        for frame in tqdm(iter_frames(scene), total=n, disable=not progress,
+        for frame in tqdm(iter_frames(scene), total=cfg.n_frames, disable=not progress,
                           desc="simulating", unit="frame"):
             writer.write(frame)
-    write_fits(paths.true_flat, scene.true_flat)
-    write_fits(paths.dust_labels, scene.dust_labels)
+    provenance = {"CREATOR": "aiflat-local synth", "SIMVER": SIM_VERSION, "SIMSEED": cfg.seed}
+    write_fits(paths.true_flat, scene.true_flat, {**provenance, "CONTENT": "true flat, 1.0 = no attenuation"})
+    write_fits(paths.dust_labels, scene.dust_labels, {**provenance, "CONTENT": "dust labels, 0 = clean"})
     write_mask(paths.dust_mask, scene.dust_mask)
     write_mask(paths.dark_features, scene.dark_feature_mask)
+    from .io import atomic_path
+
     with atomic_path(paths.truth) as tmp:
-        tmp.write_text(json.dumps(truth_dict(scene, paths), indent=1))
+        tmp.write_text(json.dumps(_truth(scene), indent=1))
     return paths

@@ -251,10 +251,10 @@ class SerReader:
         return self._mm.shape[1:]
 
     def _native(self, a: np.ndarray) -> np.ndarray:
-        out = np.asarray(a, dtype=self.dtype)  # byte-swaps (copies) only when needed
+        # Always a copy in native byte order: a view would die with the memory map.
         if self.header.color_id == 101:
-            out = out[..., ::-1]
-        return np.ascontiguousarray(out)
+            a = a[..., ::-1]
+        return np.array(a, dtype=self.dtype, order="C", copy=True)
 
     def frame(self, index: int) -> np.ndarray:
         """Frame *index* as a native-dtype array (a copy): ``(H, W)`` or ``(H, W, 3)`` RGB."""

@@ -1,0 +1,408 @@
+"""The classical dust masker: deterministic, no weights, a few seconds per image.
+
+What it looks for
+-----------------
+In a temporal median of a solar video, a dust shadow is a *multiplicative*
+dip fixed to the sensor: dark, compact, round or donut-shaped, from ~3 px to
+~100+ px across, 1.5 % to ~60 % deep, often with a faint bright rim. The
+physics ties depth to size: a particle of diameter ``p`` at a distance that
+spreads the beam over a footprint ``f`` (``f = distance / f-ratio``) casts a
+shadow about ``f + p`` across and ``(p / f)**2`` deep, so big shadows are
+faint and deep shadows are small (a 40 px shadow 50 % deep would need a
+particle ~17 px = 60 um across, rare on a window; a sunspot umbra is that).
+
+How
+---
+1. **Disk**: pixels below ``sky_fraction`` of the bright disk level (smoothed)
+   are sky; they are replaced by the nearest disk value before any filtering
+   (so the limb does not bias the background) and detections on the sky or
+   within ``limb_margin_px`` of it are rejected.
+2. **Multi-scale deficit**: for each Gaussian scale ``s`` in ``scales_px``
+   the image smoothed by ``s`` is compared with a background that is the
+   median over a window of ``background_factor * s`` px computed at reduced
+   resolution (so a blob much smaller than the window is ignored by it, at
+   every size, and the cost stays low): ``deficit_s = 1 - smooth_s / bg_s``.
+   Each deficit map is divided by its own robust local noise (1.4826 x MAD
+   in tiles), which includes the solar texture at that scale.
+3. **Hysteresis**: seeds where some scale is ``seed_sigma`` significant and
+   at least ``min_seed_depth`` deep, grown over ``grow_sigma``.
+4. **Refinement**: the background inside each candidate (dilated) is
+   re-estimated by a harmonic fill from the pixels around it, which works for
+   blobs of any size; the object is the connected set of pixels at least
+   ``pixel_sigma`` significant against it (holes, e.g. donut centres, filled).
+5. **Rejection** of what is not dust: objects on the sky or limb, larger than
+   ``max_diameter_px``, elongated beyond ``max_elongation`` (filaments; a
+   thin dust fibre is kept while shorter than ``max_fibre_length_px``), and
+   objects deeper than physically plausible for their size (sunspots, see
+   :func:`plausible_depth`).
+
+The mask is the detection itself, not expanded: expansion and feathering
+belong to :mod:`aiflat_local.flat`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from ..errors import InputError
+from ..inpaint.harmonic import HarmonicInpainter
+from .base import MASKERS, MaskResult
+
+_EIGHT = np.ones((3, 3), dtype=bool)
+_MAD = 1.4826
+
+
+# --------------------------------------------------------------------------- small tools
+def _odd(n: float) -> int:
+    k = max(int(round(n)), 1)
+    return k if k % 2 else k + 1
+
+
+def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
+    """Mean over ``f x f`` blocks (edge-padded to a multiple of *f*)."""
+    if f <= 1:
+        return img
+    h, w = img.shape
+    hp, wp = -(-h // f) * f, -(-w // f) * f
+    a = np.pad(img, ((0, hp - h), (0, wp - w)), mode="edge")
+    return a.reshape(hp // f, f, wp // f, f).mean(axis=(1, 3), dtype=np.float64).astype(np.float32)
+
+
+def _upsample(coarse: np.ndarray, f: int, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of a block-reduced image back to *shape* (pixel-centre aligned)."""
+    if f <= 1:
+        return coarse[: shape[0], : shape[1]]
+    ch, cw = coarse.shape
+    ys = (np.arange(shape[0]) + 0.5) / f - 0.5
+    xs = (np.arange(shape[1]) + 0.5) / f - 0.5
+
+    def axis_weights(t, n):
+        t = np.clip(t, 0, n - 1)
+        i0 = np.floor(t).astype(np.int64)
+        i1 = np.minimum(i0 + 1, n - 1)
+        return i0, i1, (t - i0).astype(np.float32)
+
+    y0, y1, wy = axis_weights(ys, ch)
+    x0, x1, wx = axis_weights(xs, cw)
+    rows = coarse[y0] * (1 - wy)[:, None] + coarse[y1] * wy[:, None]
+    return (rows[:, x0] * (1 - wx)[None, :] + rows[:, x1] * wx[None, :]).astype(np.float32)
+
+
+def _local_sigma(d: np.ndarray, tile: int, floor: float) -> np.ndarray:
+    """Robust local noise (1.4826 x MAD) of *d* in ``tile x tile`` tiles, smoothed, upsampled."""
+    h, w = d.shape
+    tile = max(8, min(tile, max(h, w)))
+    th, tw = -(-h // tile), -(-w // tile)
+    a = np.pad(d, ((0, th * tile - h), (0, tw * tile - w)), mode="reflect")
+    blocks = a.reshape(th, tile, tw, tile).transpose(0, 2, 1, 3).reshape(th, tw, -1)
+    med = np.median(blocks, axis=2)
+    mad = np.median(np.abs(blocks - med[..., None]), axis=2) * _MAD
+    if min(th, tw) >= 3:
+        mad = ndimage.median_filter(mad, size=3, mode="nearest")
+    return np.maximum(_upsample(mad.astype(np.float32), tile, (h, w)), floor)
+
+
+def _moments(ys: np.ndarray, xs: np.ndarray) -> tuple[float, float, float]:
+    """Centroid-free shape of a pixel set: (major length, minor length, elongation)."""
+    if ys.size < 3:
+        return float(ys.size), float(ys.size), 1.0
+    cov = np.cov(np.vstack([ys, xs]).astype(np.float64)) + np.eye(2) / 12.0
+    ev = np.sort(np.linalg.eigvalsh(cov))[::-1]
+    major, minor = 4 * math.sqrt(max(ev[0], 1e-12)), 4 * math.sqrt(max(ev[1], 1e-12))
+    return major, minor, major / minor
+
+
+def plausible_depth(diameter_px: float, max_particle_px: float, max_depth: float) -> float:
+    """Deepest plausible dust shadow of a given outer diameter.
+
+    A particle ``p`` px across whose beam footprint is ``f`` px casts a shadow
+    ``D = f + p`` across and ``(p / f)**2`` deep (for ``p < f``). For a given
+    ``D`` the depth grows with ``p``, so with particles at most
+    ``max_particle_px`` across: ``depth <= (p / (D - p))**2``, and never more
+    than *max_depth*.
+    """
+    p = float(max_particle_px)
+    if diameter_px <= 2 * p:
+        return float(max_depth)
+    return float(min(max_depth, (p / (diameter_px - p)) ** 2))
+
+
+# --------------------------------------------------------------------------- the masker
+@MASKERS.register("classical", "multi-scale deficit detector with physical dust checks (no weights)")
+@dataclass
+class ClassicalMasker:
+    """Deterministic dust masker (see the module documentation for the method).
+
+    Parameters
+    ----------
+    scales_px : tuple of float
+        Gaussian smoothing scales (px) of the multi-scale detection; a scale
+        ``s`` is most sensitive to shadows about ``3 s`` across.
+    background_factor : float
+        Background median window = ``background_factor * s`` px at scale ``s``.
+    seed_sigma, grow_sigma : float
+        Hysteresis thresholds, in units of the local noise at each scale.
+    min_seed_depth : float
+        A seed must also be at least this deep (fraction, 0.01 = 1 %).
+    pixel_sigma : float
+        Refinement threshold (local pixel noise units) against the harmonic
+        background.
+    min_pixel_depth : float
+        And every refined pixel at least this deep (fraction).
+    min_area_px : int
+        Smaller objects are dropped (hot/cold pixels, noise).
+    max_diameter_px : float
+        Objects with a larger equivalent diameter are not dust.
+    max_elongation : float
+        Major/minor axis ratio beyond which an object longer than
+        ``max_fibre_length_px`` is a solar filament, not dust.
+    max_fibre_length_px : float
+        See *max_elongation*.
+    max_particle_px : float
+        Largest dust particle assumed (px); sets :func:`plausible_depth`.
+    max_dust_depth : float
+        No dust shadow is deeper than this (fraction).
+    sky_fraction : float
+        Pixels darker than this fraction of the disk level are sky.
+    limb_margin_px : int
+        Objects within this distance of the sky are rejected.
+    refine_margin_px : int
+        Candidates are dilated by this much before the harmonic background fill.
+    """
+
+    scales_px: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
+    background_factor: float = 12.0
+    seed_sigma: float = 6.0
+    grow_sigma: float = 3.0
+    min_seed_depth: float = 0.01
+    pixel_sigma: float = 3.0
+    min_pixel_depth: float = 0.005
+    min_area_px: int = 5
+    max_diameter_px: float = 160.0
+    max_elongation: float = 2.5
+    fibre_min_depth: float = 0.15
+    max_fibre_length_px: float = 80.0
+    max_particle_px: float = 12.0
+    max_dust_depth: float = 0.75
+    sky_fraction: float = 0.15
+    limb_margin_px: int = 6
+    refine_margin_px: int = 3
+
+    name = "classical"
+
+    def params(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["scales_px"] = [float(s) for s in self.scales_px]
+        return {"backend": self.name, **d}
+
+    # ------------------------------------------------------------------ main
+    def __call__(self, reference: np.ndarray, *, frames: Any = None) -> MaskResult:
+        """Detect dust shadows in *reference*.
+
+        Parameters
+        ----------
+        reference : numpy.ndarray
+            ``(H, W)`` temporal median (or single image), arbitrary linear units,
+            sensor orientation.
+        frames : optional
+            Ignored (this masker uses the reference only).
+
+        Returns
+        -------
+        MaskResult
+            ``mask`` float32 0/1; ``objects`` with ``label``, ``y``, ``x``
+            (centroid, px), ``area``, ``diameter`` (equivalent, px), ``depth``
+            (peak fractional deficit), ``significance``, ``elongation``;
+            ``params`` with every parameter, counts of rejected candidates per
+            reason and the run time.
+        """
+        t0 = time.perf_counter()
+        img = self._prepare(reference)
+        h, w = img.shape
+        params = self.params()
+        empty = MaskResult(np.zeros((h, w), np.float32), params, [])
+        level = float(np.percentile(img, 99))
+        if not np.isfinite(level) or level <= 0:
+            params.update(n_objects=0, seconds=time.perf_counter() - t0, note="no signal")
+            return empty
+
+        sky = self._sky(img, level)
+        work = self._fill_sky(img, sky)
+        ms = self._multiscale(work)
+        seeds = (ms["z"] > self.seed_sigma) & (ms["d"] > self.min_seed_depth) & ~sky
+        grow = (ms["z"] > self.grow_sigma) & ~sky
+        cand = _hysteresis(seeds, grow)
+        rejected: dict[str, int] = {}
+        if cand.any():
+            mask, objects = self._refine(work, cand, seeds, ms, sky, rejected)
+        else:
+            mask, objects = np.zeros((h, w), bool), []
+        params.update(n_objects=len(objects), rejected=rejected,
+                      sky_fraction_of_image=float(sky.mean()),
+                      seconds=round(time.perf_counter() - t0, 3))
+        return MaskResult(mask.astype(np.float32), params, objects)
+
+    # ------------------------------------------------------------------ steps
+    @staticmethod
+    def _prepare(reference: np.ndarray) -> np.ndarray:
+        img = np.asarray(reference)
+        if img.ndim != 2:
+            raise InputError(f"the classical masker needs a 2-D image, got shape {img.shape}")
+        if min(img.shape) < 8:
+            raise InputError(f"image too small for dust detection: {img.shape[1]} x {img.shape[0]}")
+        img = img.astype(np.float32, copy=True)
+        bad = ~np.isfinite(img)
+        if bad.all():
+            raise InputError("the image has no finite pixel")
+        if bad.any():
+            img[bad] = np.median(img[~bad])
+        return img
+
+    def _sky(self, img: np.ndarray, level: float) -> np.ndarray:
+        """Sky (off-disk) pixels, from a smoothed image, grown by the limb margin."""
+        f = max(1, min(img.shape) // 128)
+        coarse = ndimage.gaussian_filter(_block_mean(img, f), 1.0)
+        disk_level = float(np.percentile(coarse, 90))
+        sky_c = coarse < self.sky_fraction * disk_level
+        if not sky_c.any():
+            return np.zeros(img.shape, bool)
+        sky = _upsample(sky_c.astype(np.float32), f, img.shape) > 0.5
+        sky |= ndimage.gaussian_filter(img, 1.0) < self.sky_fraction * disk_level
+        return ndimage.binary_dilation(sky, iterations=max(int(self.limb_margin_px), 0)) \
+            if self.limb_margin_px > 0 else sky
+
+    @staticmethod
+    def _fill_sky(img: np.ndarray, sky: np.ndarray) -> np.ndarray:
+        """Replace sky pixels by the nearest disk pixel's value (no limb in the filters)."""
+        if not sky.any() or sky.all():
+            return img
+        idx = ndimage.distance_transform_edt(sky, return_distances=False, return_indices=True)
+        return img[idx[0], idx[1]]
+
+    def _multiscale(self, img: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-scale significance, maximised over scales.
+
+        Returns ``z`` (max significance), ``d`` (the deficit at that scale),
+        ``k`` (index of that scale, int8) and ``sigmas`` (the per-scale local
+        noise maps, stacked, float32).
+        """
+        zmax = np.full(img.shape, -np.inf, np.float32)
+        dmax = np.zeros(img.shape, np.float32)
+        kmax = np.zeros(img.shape, np.int8)
+        sigmas = []
+        for k, s in enumerate(self.scales_px):
+            window = self.background_factor * s
+            f = max(2, int(round(window / 7)))  # median over ~7 x 7 coarse pixels: cheap
+            bg = ndimage.median_filter(_block_mean(img, f), size=_odd(window / f), mode="reflect")
+            bg = _upsample(bg, f, img.shape)
+            smooth = ndimage.gaussian_filter(img, s, mode="reflect") if s > 0 else img
+            d = 1.0 - smooth / np.maximum(bg, 1e-12)
+            sigma = _local_sigma(d, tile=max(64, int(8 * s)), floor=1e-4)
+            sigmas.append(sigma)
+            z = d / sigma
+            better = z > zmax
+            zmax[better] = z[better]
+            dmax[better] = d[better]
+            kmax[better] = k
+        return {"z": zmax, "d": dmax, "k": kmax, "sigmas": np.stack(sigmas)}
+
+    def _refine(self, img, cand, seeds, ms, sky, rejected):
+        """Harmonic background around each candidate, final objects, physical checks."""
+        h, w = img.shape
+        scales = np.asarray(self.scales_px, dtype=np.float64)
+        labels_c, n_c = ndimage.label(cand, structure=_EIGHT)
+        # scale of each candidate: the scale of its most significant seed pixel
+        zs = np.where(seeds, ms["z"], -np.inf)
+        best = ndimage.maximum_position(zs, labels_c, index=np.arange(1, n_c + 1))
+        k_c = np.array([ms["k"][p] for p in best], dtype=np.int64)
+        margin = np.ceil(self.refine_margin_px + scales[k_c]).astype(np.int64)
+        region = np.zeros((h, w), bool)
+        for k in np.unique(k_c):
+            sel = np.zeros(n_c + 1, bool)
+            sel[1:] = k_c == k
+            grown = ndimage.binary_dilation(sel[labels_c], structure=_EIGHT,
+                                            iterations=int(self.refine_margin_px + scales[k]))
+            region |= grown
+        region &= ~sky
+        if region.all() or not region.any():
+            return np.zeros((h, w), bool), []
+        smooth1 = ndimage.gaussian_filter(img, 1.0)
+        bg = HarmonicInpainter()(smooth1, region).image
+        d_raw = np.where(region, 1.0 - img / np.maximum(bg, 1e-12), 0.0).astype(np.float32)
+        # each candidate is measured at half its detection scale (at least 1 px)
+        obj = np.zeros((h, w), bool)
+        dsm = np.zeros((h, w), np.float32)
+        nsig = np.ones((h, w), np.float32)
+        region_lab = ndimage.label(region, structure=_EIGHT)[0]
+        for k in np.unique(k_c):
+            rs = max(1.0, scales[k] / 2)
+            dk = ndimage.gaussian_filter(d_raw, rs)
+            sk = ms["sigmas"][min(int(np.searchsorted(scales, rs)), len(scales) - 1)]
+            mine = np.isin(region_lab, np.unique(region_lab[labels_c > 0][k_c[labels_c[labels_c > 0] - 1] == k]))
+            sel = mine & region
+            dsm[sel] = dk[sel]
+            nsig[sel] = sk[sel]
+        strong = region & (dsm > self.pixel_sigma * nsig) & (dsm > self.min_pixel_depth)
+        obj = _hysteresis(strong & (seeds | (dsm > 2 * self.pixel_sigma * nsig)), strong)
+        obj = ndimage.binary_fill_holes(obj)
+        return self._select(obj, d_raw, dsm, nsig, sky, rejected)
+
+    def _select(self, obj, d_raw, dsm, nsig, sky, rejected):
+        """Measure each object and keep what is plausibly dust."""
+        labels, n = ndimage.label(obj, structure=_EIGHT)
+        keep = np.zeros(n + 1, bool)
+        objects: list[dict[str, Any]] = []
+        near_sky = ndimage.binary_dilation(sky, iterations=1) if sky.any() else sky
+        d1 = ndimage.gaussian_filter(d_raw, 0.7)
+        for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
+            if sl is None:
+                continue
+            m = labels[sl] == lab
+            area = int(m.sum())
+            ys, xs = np.nonzero(m)
+            diam = 2 * math.sqrt(area / math.pi)
+            depth = float(d1[sl][m].max())
+            z = float((dsm[sl][m] / nsig[sl][m]).max())
+            major, minor, elong = _moments(ys, xs)
+            reason = None
+            if area < self.min_area_px:
+                reason = "small"
+            elif (near_sky[sl] & m).any():
+                reason = "limb"
+            elif diam > self.max_diameter_px:
+                reason = "large"
+            elif elong > self.max_elongation and not (
+                    depth >= self.fibre_min_depth and major <= self.max_fibre_length_px):
+                reason = "elongated"
+            elif depth > plausible_depth(diam, self.max_particle_px, self.max_dust_depth):
+                reason = "too_dark"
+            if reason:
+                rejected[reason] = rejected.get(reason, 0) + 1
+                continue
+            keep[lab] = True
+            objects.append({
+                "label": len(objects) + 1,
+                "y": round(float(ys.mean() + sl[0].start), 2),
+                "x": round(float(xs.mean() + sl[1].start), 2),
+                "area": area, "diameter": round(diam, 2), "depth": round(depth, 4),
+                "significance": round(z, 2), "elongation": round(elong, 2),
+                "bbox": [int(sl[0].start), int(sl[1].start), int(sl[0].stop), int(sl[1].stop)],
+            })
+        return keep[labels], objects
+
+
+def _hysteresis(seeds: np.ndarray, grow: np.ndarray) -> np.ndarray:
+    """Connected components (8-connected) of *grow* that contain a seed."""
+    labels, n = ndimage.label(grow | seeds, structure=_EIGHT)
+    if n == 0:
+        return np.zeros(grow.shape, bool)
+    hit = np.zeros(n + 1, bool)
+    hit[np.unique(labels[seeds])] = True
+    hit[0] = False
+    return hit[labels]
