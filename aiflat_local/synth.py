@@ -61,7 +61,7 @@ import scipy.fft as sfft
 from scipy import ndimage, special
 
 __all__ = ["SimConfig", "Scene", "SimPaths", "make_scene", "render_frame", "iter_frames",
-           "clean_sun", "simulate", "TEXTURES"]
+           "clean_sun", "expected_frame", "simulate", "TEXTURES"]
 
 #: Simulator model version, written to ``truth.json``; bump when the output of a seed changes.
 SIM_VERSION = 1
@@ -197,13 +197,21 @@ class Scene:
         Sunspots and pores in sensor coordinates at the mean Sun position.
     dark_features : list of dict
         Per feature: ``kind`` (sunspot/pore), ``y``, ``x`` (mean position),
-        ``diameter_px``, ``overlaps_dust`` (labels).
+        ``diameter_px``, ``radius_px``, ``overlaps_dust`` (labels).
     shifts : ndarray, float64 (n_frames, 2)
-        True ``(dy, dx)`` of the Sun in each frame, pixels (read at render time).
+        True ``(dy, dx)`` of the Sun in each frame, pixels; their mean is exactly
+        0, so the mean Sun position is the zero shift. Read at render time.
     blur_sigmas : ndarray, float64 (n_frames,)
         Seeing blur sigma of each frame, pixels.
-    disk : dict
-        Solar disk at the mean position: centre ``y``, ``x`` and ``radius`` (px).
+    sun : dict
+        The solar disk at zero shift: ``disk_center_yx`` and ``disk_radius_px``
+        (sensor px), ``limb`` (whether the limb crosses the field), ``texture``,
+        ``limb_darkening_u``.
+    sun_canvas : ndarray, float32
+        The noiseless, unblurred Sun in ADU on the padded canvas: frame ``i``
+        shows at ``(y, x)`` the canvas at ``(y + pad - dy_i, x + pad - dx_i)``.
+    pad : int
+        Canvas rows/columns before sensor row/column 0 (at zero shift).
     """
 
     config: SimConfig
@@ -214,10 +222,10 @@ class Scene:
     shifts: np.ndarray
     blur_sigmas: np.ndarray
     dark_features: list[dict] = field(default_factory=list)
-    disk: dict = field(default_factory=dict)
-    _spectrum: np.ndarray | None = field(default=None, repr=False)  # rfft2 of the Sun canvas (ADU)
-    _origin: tuple[int, int] = (0, 0)  # canvas pixel that is sensor (0, 0) at zero shift
-    _canvas_shape: tuple[int, int] = (0, 0)
+    sun: dict = field(default_factory=dict)
+    sun_canvas: np.ndarray | None = field(default=None, repr=False)
+    pad: int = 0
+    _spectrum: np.ndarray | None = field(default=None, repr=False)  # rfft2(sun_canvas)
 
     @property
     def dust_mask(self) -> np.ndarray:
@@ -343,7 +351,7 @@ def _render_dust(cfg: SimConfig, kind: str, rng: np.random.Generator) -> dict:
     """Draw one particle and render its gain patch (1.0 = no attenuation), centred in the patch."""
     cls = _DUST_CLASSES[kind]
     px_per_mm = 1000.0 / (cfg.f_ratio * cfg.pixel_size_um)  # footprint diameter per mm of distance
-    max_footprint = max(8.0, min(120.0, 0.45 * min(cfg.height, cfg.width)))
+    max_footprint = max(8.0, min(120.0, 0.3 * min(cfg.height, cfg.width)))
     distance = rng.uniform(*cls["distance_mm"])
     footprint = float(np.clip(distance * px_per_mm, 1.5, max_footprint))
     distance = footprint / px_per_mm
@@ -625,7 +633,11 @@ def _texture(cfg: SimConfig, shape: tuple[int, int]) -> np.ndarray:
         fib = _unit(fib / np.sqrt(norm + 1e-6))
         mottles = _filtered(noise_spec(), _ring(f, 1 / 25, 0.5), shape)
         plage = _filtered(noise_spec(), _lowpass(f, 40.0), shape)
-        tex = 0.07 * fib + 0.035 * mottles + 0.08 * np.clip(plage - 1.0, 0.0, None)
+        # filament channels: dark lanes along the zero crossings of a large-scale field, in segments
+        lanes = np.exp(-((_filtered(noise_spec(), _lowpass(f, 50.0), shape) / 0.2) ** 2))
+        segments = np.clip(_filtered(noise_spec(), _lowpass(f, 35.0), shape) - 0.5, 0.0, 1.0)
+        tex = (0.05 * fib + 0.03 * mottles + 0.12 * np.clip(plage - 0.8, 0.0, None)
+               - 0.15 * lanes * segments)
     tex = tex - tex.mean()
     return tex.astype(np.float32)
 
@@ -640,8 +652,7 @@ def make_scene(config: SimConfig) -> Scene:
     cfg = config
     cfg.validate()
     h, w = cfg.height, cfg.width
-    shifts, blur = _make_motion(cfg)
-    mean_shift = shifts.mean(axis=0)
+    shifts, blur = _make_motion(cfg)  # mean exactly 0: the mean position is the zero shift
     disk = _make_disk(cfg)
     true_flat, labels, objects = _make_dust(cfg, disk)
     features = _make_features(cfg, disk, labels > 0)
@@ -659,13 +670,11 @@ def make_scene(config: SimConfig) -> Scene:
         obj["overlaps_dark_feature"] = obj["label"] in hit
 
     # the canvas: frame + largest shift + blur + taper, FFT-friendly
-    need = int(math.ceil(np.abs(shifts - mean_shift).max() + np.abs(mean_shift).max()
-                         + 4 * (blur.max() if blur.size else 0) + 6))
+    need = int(math.ceil(np.abs(shifts).max() + 4 * blur.max() + 6))
     taper = 24
-    margin = need + taper
-    shape = (sfft.next_fast_len(h + 2 * margin, real=True), sfft.next_fast_len(w + 2 * margin, real=True))
-    origin = (margin, margin)
-    to_canvas = (origin[0] - mean_shift[0], origin[1] - mean_shift[1])  # sensor (mean) -> canvas
+    pad = need + taper
+    shape = (sfft.next_fast_len(h + 2 * pad, real=True), sfft.next_fast_len(w + 2 * pad, real=True))
+    to_canvas = (float(pad), float(pad))  # sensor (zero shift) -> canvas
     level = np.ones(shape, dtype=np.float64)
     _paint_features(features, shape, to_canvas, out_level=level)
     ld, edge, sky = _large_scale(cfg, disk, shape, to_canvas)
@@ -673,19 +682,19 @@ def make_scene(config: SimConfig) -> Scene:
     sun = edge * ld * np.clip(level * (1.0 + tex * level), 0.05, None) + sky
 
     # normalise: mean of the disk in the field at the mean position = signal_adu
-    oy, ox = int(round(to_canvas[0])), int(round(to_canvas[1]))
-    crop, on_disk = sun[oy:oy + h, ox:ox + w], edge[oy:oy + h, ox:ox + w] > 0.5
+    crop, on_disk = sun[pad:pad + h, pad:pad + w], edge[pad:pad + h, pad:pad + w] > 0.5
     sun *= cfg.signal_adu / float(crop[on_disk].mean() if on_disk.any() else crop.mean())
 
     # taper the outer margin to a constant so the canvas is periodic (no FFT wrap ringing)
     fill = float(sun.mean())
     win = np.outer(_taper(shape[0], taper), _taper(shape[1], taper))
-    sun = win * sun + (1.0 - win) * fill
-    spectrum = sfft.rfft2(sun.astype(np.float32), workers=_WORKERS)
+    canvas = (win * sun + (1.0 - win) * fill).astype(np.float32)
+    sun_info = {"disk_center_yx": [disk["y"], disk["x"]], "disk_radius_px": disk["radius"],
+                "limb": cfg.limb, "texture": cfg.texture, "limb_darkening_u": _LIMB_U[cfg.texture]}
     return Scene(
         config=cfg, true_flat=true_flat, dust_labels=labels, dust_objects=objects,
         dark_feature_mask=dark, shifts=shifts, blur_sigmas=blur, dark_features=public_features,
-        disk=disk, _spectrum=spectrum, _origin=origin, _canvas_shape=shape,
+        sun=sun_info, sun_canvas=canvas, pad=pad, _spectrum=sfft.rfft2(canvas, workers=_WORKERS),
     )
 
 
@@ -717,8 +726,8 @@ def clean_sun(scene: Scene, index: int) -> np.ndarray:
     cfg = scene.config
     dy, dx = (float(v) for v in scene.shifts[index])
     sigma = float(scene.blur_sigmas[index])
-    hc, wc = scene._canvas_shape
-    oy, ox = scene._origin
+    hc, wc = scene.sun_canvas.shape
+    oy = ox = scene.pad
     fy = sfft.fftfreq(hc)
     fx = sfft.rfftfreq(wc)
     k = -2.0 * np.pi ** 2 * sigma ** 2
@@ -731,6 +740,13 @@ def clean_sun(scene: Scene, index: int) -> np.ndarray:
     return np.ascontiguousarray(sun, dtype=np.float32)
 
 
+def expected_frame(scene: Scene, index: int) -> np.ndarray:
+    """Noiseless frame *index* with its dust, ``clean_sun x true_flat``: float32 ADU, not clipped."""
+    out = clean_sun(scene, index)
+    out *= scene.true_flat
+    return out
+
+
 def render_frame(scene: Scene, index: int) -> np.ndarray:
     """Frame *index* as the camera records it: uint16 ``(H, W)``.
 
@@ -739,8 +755,7 @@ def render_frame(scene: Scene, index: int) -> np.ndarray:
     """
     index = _check_index(scene, index)
     cfg = scene.config
-    signal = clean_sun(scene, index)
-    signal *= scene.true_flat
+    signal = expected_frame(scene, index)
     np.maximum(signal, 0.0, out=signal)
     rng = _rng(cfg.seed, _STREAM_NOISE, index)
     z = rng.standard_normal(signal.shape, dtype=np.float32)
@@ -792,9 +807,8 @@ def _truth(scene: Scene) -> dict[str, Any]:
         },
         "objects": scene.dust_objects,
         "dark_features": scene.dark_features,
-        "disk": scene.disk,
+        "sun": scene.sun,
         "shifts": [[float(a), float(b)] for a, b in scene.shifts],
-        "mean_shift": [float(v) for v in scene.shifts.mean(axis=0)],
         "blur_sigmas": [float(s) for s in scene.blur_sigmas],
         "frame_rate_hz": FRAME_RATE_HZ,
         "counts": {

@@ -238,3 +238,53 @@ def test_reference_to_mono():
     assert reference_to_mono(flat) is flat
     with pytest.raises(InputError, match="shape"):
         reference_to_mono(np.ones((2, 3, 4)))
+
+
+def _write_big_endian_ser(path, frames):
+    """A SER with big-endian 16-bit samples (as some capture programs write)."""
+    from aiflat_local.io.ser import SerHeader
+
+    h, w = frames[0].shape
+    header = SerHeader(color_id=0, little_endian_flag=0, width=w, height=h, pixel_depth=16,
+                       frame_count=len(frames))
+    with open(path, "wb") as fh:
+        fh.write(header.pack())
+        for f in frames:
+            fh.write(f.astype(">u2").tobytes())
+    return path
+
+
+def test_big_endian_file(tmp_path):
+    # Smooth frames, so SerReader's byte-order detection can tell.
+    yy, xx = np.mgrid[0:24, 0:30]
+    rng = np.random.default_rng(9)
+    frames = [(20000 + 300 * yy + 200 * xx + rng.integers(0, 40, yy.shape)).astype(np.uint16)
+              for _ in range(6)]
+    path = _write_big_endian_ser(tmp_path / "be.ser", frames)
+    with SerReader(path) as r:
+        assert r.byteorder == "big"
+        got = temporal_median(r, max_memory_mb=0.001)
+    assert np.array_equal(got, _numpy_median(frames))
+
+
+def test_without_preadv(make_ser, monkeypatch):
+    # Platforms without os.preadv (Windows) use seek + readinto under a lock.
+    import os
+
+    frames = _frames(5, (9, 7), np.uint16, seed=11)
+    path = make_ser(frames)
+    monkeypatch.delattr(os, "preadv", raising=False)
+    with SerReader(path) as r:
+        got = temporal_median(r, workers=2, max_memory_mb=0.001)
+    assert np.array_equal(got, _numpy_median(frames))
+
+
+def test_truncated_file_is_an_input_error(make_ser):
+    frames = _frames(4, (8, 8), np.uint16, seed=12)
+    path = make_ser(frames)
+    with SerReader(path) as r:
+        # The file shrinks after opening (e.g. a capture being rewritten).
+        with open(path, "r+b") as fh:
+            fh.truncate(178 + 2 * 8 * 8 * 2)
+        with pytest.raises(InputError, match="unexpected end of file"):
+            temporal_median(r)

@@ -12,6 +12,8 @@ import math
 import numpy as np
 import pytest
 
+from scipy import ndimage
+
 from aiflat_local.synth import (
     TEXTURES,
     SimConfig,
@@ -250,9 +252,12 @@ def test_uint16_clips_without_wrapping():
     frame = render_frame(scene, 0)
     mean = expected_frame(scene, 0)
     assert frame.dtype == np.uint16
-    assert mean.max() > 66000  # the scene really overflows 16 bits
-    assert np.all(frame[mean > 66000] == 65535)  # clipped, never wrapped to small values
+    # shot noise at 66000 ADU is ~257 ADU rms: 6 sigma above 65535 is certainly clipped
+    over = mean > 65535 + 6 * np.sqrt(66000.0 + 9.0)
+    assert over.sum() > 100  # the scene really overflows 16 bits
+    assert np.all(frame[over] == 65535)  # clipped, never wrapped to small values
     assert frame.max() == 65535
+    assert frame[mean > 50000].min() > 40000  # nothing wrapped around to small values
 
 
 @pytest.mark.parametrize("texture", TEXTURES)
@@ -305,3 +310,143 @@ def test_simulate_writes_readable_truth(tmp_path):
     np.testing.assert_allclose(truth["shifts"], scene.shifts)
     assert "numpy" in truth["versions"] and "aiflat_local" in truth["versions"]
     assert not list(paths.directory.glob("*.part"))
+
+
+# -- more physics: footprint, labels, motion, noise switches --------------------------------------
+
+def test_depth_is_particle_area_over_footprint_area():
+    """Medium and far dust: the particle sits inside the footprint, so the shadow's
+    plateau is A_particle / A_footprint = (p / D)^2 / (1 - c^2). 10 % covers the
+    particle's irregular outline (area of its radial harmonics) and pixel sampling."""
+    for c in (0.0, 0.4):
+        scene = make_scene(SimConfig(height=240, width=320, n_frames=2, seed=8, central_obstruction=c))
+        checked = 0
+        for o in scene.dust_objects:
+            if o["kind"] == "near":
+                assert 0.10 < o["depth"] <= 0.6  # near: strong, capped (not perfectly opaque)
+                continue
+            ratio = (o["particle_px"] / o["footprint_px"]) ** 2 / (1 - c * c)
+            assert o["depth"] == pytest.approx(ratio, rel=0.10), o
+            checked += 1
+        assert checked >= 10
+
+
+def test_labels_are_where_an_isolated_object_changes_the_flat_by_one_percent():
+    scene = make_scene(small(n_dust=4, seed=2, n_sunspots=0, n_pores=0))
+    flat, labels = scene.true_flat, scene.dust_labels
+    boxes = [o["bbox"] for o in scene.dust_objects]
+    checked = 0
+    for o in scene.dust_objects:
+        y0, y1, x0, x1 = o["bbox"]
+        alone = all(b is o["bbox"] or min(y1, b[1]) <= max(y0, b[0]) or min(x1, b[3]) <= max(x0, b[2])
+                    for b in boxes)
+        if not alone or min(o["bbox"]) == 0 or o["bbox"][1] == 128 or o["bbox"][3] == 160:
+            continue  # touched by a neighbour's tails or cut by the frame edge
+        box = (slice(y0, y1), slice(x0, x1))
+        np.testing.assert_array_equal(labels[box] == o["label"], np.abs(flat[box] - 1.0) > 0.01)
+        assert flat[box].max() == pytest.approx(1.0 + o["rim"], abs=1e-6) and flat[box].max() > 1.0
+        assert flat[box].min() == pytest.approx(1.0 - o["depth"], abs=1e-6)
+        checked += 1
+    assert checked >= 2
+    # outside every object's bbox the flat is untouched
+    touched = np.zeros(flat.shape, bool)
+    for y0, y1, x0, x1 in boxes:
+        touched[y0:y1, x0:x1] = True
+    assert np.all(flat[~touched] == 1.0) and not labels[~touched].any()
+
+
+def test_rim_lies_outside_the_shadow():
+    scene = make_scene(small(n_dust=6, seed=5))
+    flat = scene.true_flat
+    checked = 0
+    for o in scene.dust_objects:
+        if o["overlaps_dust"] or min(o["bbox"]) == 0 or o["bbox"][1] == 128 or o["bbox"][3] == 160:
+            continue  # touched by a neighbour or cut by the frame edge
+        checked += 1
+        y0, y1, x0, x1 = o["bbox"]
+        patch = flat[y0:y1, x0:x1]
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        dist = np.hypot(yy - o["y"], xx - o["x"])
+        # the brightest rim pixel is farther out than the darkest shadow pixel
+        assert dist.ravel()[patch.argmax()] > dist.ravel()[patch.argmin()]
+        assert patch.max() > 1.0
+    assert checked >= 3
+
+
+def test_overlap_records_are_truthful():
+    # a crowded 64 x 80 sensor, where sunspots cannot all avoid the dust
+    scene = make_scene(small(height=64, width=80, n_dust=12, n_sunspots=2, n_pores=8, seed=1))
+    labels = scene.dust_labels
+    hit = set(np.unique(labels[scene.dark_feature_mask]).tolist()) - {0}
+    assert hit  # the case is really crowded
+    for o in scene.dust_objects:
+        assert o["overlaps_dark_feature"] == (o["label"] in hit)
+    assert set().union(*(set(f["overlaps_dust"]) for f in scene.dark_features)) == hit
+
+
+def test_dark_features_move_with_the_sun():
+    """The darkness centroid of a sunspot follows the true sub-pixel shift (no dust,
+    no jitter, 12 px drift); 0.1 px covers the blur of its irregular outline."""
+    cfg = small(n_frames=5, drift_px=12.0, jitter_px=0.0, seeing_blur_px=0.5, n_sunspots=1, n_pores=0,
+                dust=False, texture="white_light")
+    scene = make_scene(cfg)
+    feat = scene.dark_features[0]
+    yy, xx = np.mgrid[:128, :160]
+
+    def centroid(i):
+        img = clean_sun(scene, i).astype(np.float64)
+        y0, x0 = feat["y"] + scene.shifts[i][0], feat["x"] + scene.shifts[i][1]
+        dark = np.clip(1 - img / np.median(img), 0, None) * (np.hypot(yy - y0, xx - x0) < feat["radius_px"] + 6)
+        dark[dark < 0.1] = 0
+        return np.array([(dark * yy).sum(), (dark * xx).sum()]) / dark.sum()
+
+    c0, c4 = centroid(0), centroid(4)
+    np.testing.assert_allclose(c4 - c0, scene.shifts[4] - scene.shifts[0], atol=0.1)
+    np.testing.assert_allclose(c0, [feat["y"] + scene.shifts[0][0], feat["x"] + scene.shifts[0][1]], atol=1.0)
+    assert np.hypot(*(scene.shifts[4] - scene.shifts[0])) == pytest.approx(12.0, abs=1e-9)
+
+
+def test_subpixel_shift_matches_interpolation():
+    """A (0.5, -0.25) px shift with sigma-1 blur equals a quintic-spline shift of the
+    Gaussian-blurred canvas to 0.2 % of the texture's rms (the two interpolators differ
+    only near the Nyquist frequency, which the blur removes)."""
+    scene = make_scene(small(n_frames=2))
+    scene.shifts[1] = (0.5, -0.25)
+    scene.blur_sigmas[1] = 1.0
+    p = scene.pad
+    ref = ndimage.shift(ndimage.gaussian_filter(scene.sun_canvas.astype(np.float64), 1.0), (0.5, -0.25), order=5)
+    got = clean_sun(scene, 1)
+    err = got - ref[p:p + 128, p:p + 160]
+    assert err.std() < 0.002 * got.std()
+
+
+def test_dust_stays_on_the_sensor():
+    """Noise off: every frame is exactly clean_sun x true_flat, quantised."""
+    scene = make_scene(small(n_frames=3, photons_per_adu=math.inf, read_noise_adu=0.0))
+    for i in range(3):
+        expected = np.clip(np.rint(clean_sun(scene, i) * scene.true_flat), 0, 65535)
+        np.testing.assert_array_equal(render_frame(scene, i), expected.astype(np.uint16))
+
+
+def test_still_video_without_drift_jitter_or_blur():
+    scene = make_scene(small(n_frames=4, drift_px=0.0, jitter_px=0.0, seeing_blur_px=0.0))
+    np.testing.assert_array_equal(clean_sun(scene, 0), clean_sun(scene, 3))
+    p = scene.pad
+    np.testing.assert_allclose(clean_sun(scene, 0), scene.sun_canvas[p:p + 128, p:p + 160], rtol=1e-5, atol=0.05)
+
+
+def test_limb_scene_keeps_dust_and_features_on_the_disk():
+    scene = make_scene(small(limb=True, n_dust=6, n_pores=3, n_sunspots=1, seed=12))
+    cy, cx = scene.sun["disk_center_yx"]
+    radius = scene.sun["disk_radius_px"]
+    for item in scene.dust_objects + scene.dark_features:
+        assert math.hypot(item["y"] - cy, item["x"] - cx) < radius, item
+
+
+def test_blur_sigmas_and_shifts_are_per_frame_and_reproducible():
+    a = make_scene(small(n_frames=12, seed=21))
+    b = make_scene(small(n_frames=12, seed=21, n_dust=3, texture="cak"))
+    # motion draws from its own random stream: dust and texture choices do not change it
+    np.testing.assert_array_equal(a.shifts, b.shifts)
+    np.testing.assert_array_equal(a.blur_sigmas, b.blur_sigmas)
+    assert len(np.unique(a.blur_sigmas)) == 12

@@ -48,6 +48,10 @@ def atomic_path(path: str | os.PathLike, *, protect: tuple = ()) -> Iterator[Pat
         raise OutputError(f"cannot write in {parent}: {exc.strerror}") from None
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp creates 0600 files; give outputs the usual permissions (0666 minus the umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         os.replace(tmp, path)

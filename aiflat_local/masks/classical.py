@@ -193,6 +193,9 @@ class ClassicalMasker:
     sky_fraction: float = 0.15
     limb_margin_px: int = 6
     refine_margin_px: int = 3
+    motion_frames: int = 32
+    motion_min_px: float = 1.0
+    motion_min_ratio: float = 0.3
 
     name = "classical"
 
@@ -239,11 +242,17 @@ class ClassicalMasker:
         grow = (ms["z"] > self.grow_sigma) & ~sky
         cand = _hysteresis(seeds, grow)
         rejected: dict[str, int] = {}
+        motion: dict[str, Any] = {"used": False}
         if cand.any():
-            mask, objects = self._refine(work, cand, seeds, ms, sky, rejected)
+            mask, objects, labels, bg = self._refine(work, cand, seeds, ms, sky, rejected)
+            if frames is not None and self.motion_frames > 0 and objects:
+                mask, objects, motion = self._motion_check(work, bg, labels, objects, frames,
+                                                           rejected)
+            for ob in objects:
+                ob.pop("_lab", None)
         else:
             mask, objects = np.zeros((h, w), bool), []
-        params.update(n_objects=len(objects), rejected=rejected,
+        params.update(motion=motion, n_objects=len(objects), rejected=rejected,
                       sky_fraction_of_image=float(sky.mean()),
                       seconds=round(time.perf_counter() - t0, 3))
         return MaskResult(mask.astype(np.float32), params, objects)
@@ -331,7 +340,7 @@ class ClassicalMasker:
             region |= grown
         region &= ~sky
         if region.all() or not region.any():
-            return np.zeros((h, w), bool), []
+            return np.zeros((h, w), bool), [], np.zeros((h, w), np.int32), img
         smooth1 = ndimage.gaussian_filter(img, 1.0)
         bg = HarmonicInpainter()(smooth1, region).image
         d_raw = np.where(region, 1.0 - img / np.maximum(bg, 1e-12), 0.0).astype(np.float32)
@@ -351,7 +360,87 @@ class ClassicalMasker:
         strong = region & (dsm > self.pixel_sigma * nsig) & (dsm > self.min_pixel_depth)
         obj = _hysteresis(strong & (seeds | (dsm > 2 * self.pixel_sigma * nsig)), strong)
         obj = ndimage.binary_fill_holes(obj)
-        return self._select(obj, d_raw, dsm, nsig, sky, rejected)
+        mask, objects, labels = self._select(obj, d_raw, dsm, nsig, sky, rejected)
+        return mask, objects, labels, bg
+
+    def _motion_check(self, img, bg, labels, objects, frames, rejected):
+        """Drop objects that move with the Sun rather than staying on the sensor.
+
+        From up to ``motion_frames`` frames: register each to the reference
+        (phase correlation, sub-pixel, dust excluded), then for each object
+        rebuild, from the frames around it, the Sun alone: the median of the
+        frames aligned on the Sun (dust smeared out), shifted back by each
+        frame's offset and medianed again (the Sun as the reference shows
+        it). Their ratio keeps what is fixed to the sensor. ``ratio`` is the
+        share of the object's deficit that survives; below
+        ``motion_min_ratio`` the object is a solar feature (pore, sunspot,
+        dark texture). Skipped when the frames barely move
+        (``motion_min_px``), which is then stated in ``params["motion"]``.
+        """
+        mask = labels > 0
+        n_total, get = _frame_source(frames)
+        info: dict[str, Any] = {"used": False, "n_frames_read": 0}
+        if n_total < 3:
+            info["note"] = "fewer than 3 frames"
+            return mask, objects, info
+        idx = np.unique(np.linspace(0, n_total - 1, min(n_total, int(self.motion_frames))).round().astype(int))
+        h, w = img.shape
+        ch, cw = min(h, 512), min(w, 512)
+        y0, x0 = (h - ch) // 2, (w - cw) // 2
+        crop = (slice(y0, y0 + ch), slice(x0, x0 + cw))
+        exclude = ndimage.binary_dilation(mask, iterations=4)[crop]
+        ref_f = np.fft.rfft2(_highpass(img[crop], exclude))
+        max_shift = max(2, min(ch, cw) // 4)
+        pad = 4
+        boxes = [ob["bbox"] for ob in objects]
+        frames_kept, shifts, scales = [], [], []
+        for i in idx:
+            f = get(int(i))
+            if f.shape != img.shape:
+                info["note"] = f"frame shape {f.shape} differs from the reference {img.shape}"
+                return mask, objects, info
+            dy, dx = _phase_shift(ref_f, _highpass(f[crop], exclude), max_shift)
+            scale = float(np.median(img[crop]) / max(float(np.median(f[crop])), 1e-12))
+            shifts.append((dy, dx))
+            scales.append(scale)
+            frames_kept.append(f)
+        shifts = np.array(shifts)
+        shifts -= np.median(shifts, axis=0)
+        spread = float(np.sqrt((shifts ** 2).sum(axis=1).mean()))
+        info.update(n_frames_read=len(idx), shift_rms_px=round(spread, 3))
+        if spread < self.motion_min_px:
+            info["note"] = f"too little motion ({spread:.2f} px rms) to tell dust from solar features"
+            return mask, objects, info
+        reach = int(math.ceil(2 * np.abs(shifts).max())) + pad
+        kept_objects, ratios = [], []
+        keep = np.zeros(labels.max() + 1, bool)
+        for ob, (by0, bx0, by1, bx1) in zip(objects, boxes):
+            ya, yb = max(by0 - reach, 0), min(by1 + reach, h)
+            xa, xb = max(bx0 - reach, 0), min(bx1 + reach, w)
+            stack = np.stack([f[ya:yb, xa:xb] * s for f, s in zip(frames_kept, scales)])
+            sun = np.median(np.stack([ndimage.shift(p, (-dy, -dx), order=3, mode="nearest")
+                                      for p, (dy, dx) in zip(stack, shifts)]), axis=0)
+            ref_p = np.median(stack, axis=0)
+            lab = labels[ya:yb, xa:xb]
+            own = lab == ob["_lab"]
+            support = ndimage.binary_dilation(own, iterations=3)
+            e_sensor = e_sun = 0.0
+            for p, (dy, dx) in zip(stack, shifts):
+                model = ndimage.shift(sun, (dy, dx), order=3, mode="nearest")
+                e_sun += float(((p - model)[support] ** 2).sum())
+                e_sensor += float(((p - ref_p)[support] ** 2).sum())
+            ratio = e_sun / max(e_sensor, 1e-12)
+            ratios.append(ratio)
+            ob["motion_ratio"] = round(ratio, 3)
+            if ratio < self.motion_min_ratio:
+                rejected["moves_with_sun"] = rejected.get("moves_with_sun", 0) + 1
+                continue
+            keep[ob["_lab"]] = True
+            kept_objects.append(ob)
+        for k, ob in enumerate(kept_objects, start=1):
+            ob["label"] = k
+        info.update(used=True, n_tested=len(objects), n_rejected=len(objects) - len(kept_objects))
+        return keep[labels], kept_objects, info
 
     def _select(self, obj, d_raw, dsm, nsig, sky, rejected):
         """Measure each object and keep what is plausibly dust."""
@@ -387,14 +476,74 @@ class ClassicalMasker:
                 continue
             keep[lab] = True
             objects.append({
-                "label": len(objects) + 1,
+                "label": len(objects) + 1, "_lab": lab,
                 "y": round(float(ys.mean() + sl[0].start), 2),
                 "x": round(float(xs.mean() + sl[1].start), 2),
                 "area": area, "diameter": round(diam, 2), "depth": round(depth, 4),
                 "significance": round(z, 2), "elongation": round(elong, 2),
                 "bbox": [int(sl[0].start), int(sl[1].start), int(sl[0].stop), int(sl[1].stop)],
             })
-        return keep[labels], objects
+        return keep[labels], objects, np.where(keep[labels], labels, 0)
+
+
+# --------------------------------------------------------------------------- motion
+def _frame_source(frames: Any):
+    """``(n_frames, get)`` for a SerReader-like object, an array ``(n, H, W)`` or a list.
+
+    ``get(i)`` returns frame *i* as float32 ``(H, W)``: RGB averaged, a Bayer
+    or CMY mosaic balanced like the reference (:func:`~aiflat_local.reference.balance_cfa`).
+    """
+    header = getattr(frames, "header", None)
+    color_id = int(getattr(header, "color_id", 0) or 0)
+    if hasattr(frames, "frame"):
+        n = int(getattr(frames, "n_frames", None) or len(frames))
+        fetch = frames.frame
+    else:
+        n = len(frames)
+        fetch = frames.__getitem__
+
+    def get(i: int) -> np.ndarray:
+        f = np.asarray(fetch(i), dtype=np.float32)
+        if f.ndim == 3:
+            f = f.mean(axis=2)
+        if color_id in (8, 9, 10, 11, 16, 17, 18, 19):
+            from ..reference import balance_cfa
+            f = balance_cfa(f, color_id)
+        return f
+
+    return n, get
+
+
+def _highpass(img: np.ndarray, exclude: np.ndarray) -> np.ndarray:
+    """Relative high-pass ``img / smooth - 1`` with *exclude* zeroed and a Hann taper."""
+    sm = ndimage.gaussian_filter(img, 8.0)
+    hp = np.where(exclude, 0.0, img / np.maximum(sm, 1e-12) - 1.0)
+    hp = np.clip(hp, -0.5, 0.5)
+    wy = np.hanning(img.shape[0])[:, None]
+    wx = np.hanning(img.shape[1])[None, :]
+    return (hp * wy * wx).astype(np.float32)
+
+
+def _phase_shift(ref_f: np.ndarray, img_hp: np.ndarray, max_shift: int) -> tuple[float, float]:
+    """Sub-pixel ``(dy, dx)`` such that ``img(x) ~ ref(x - d)``, by phase correlation."""
+    cross = np.fft.rfft2(img_hp) * np.conj(ref_f)
+    cross /= np.maximum(np.abs(cross), 1e-12)
+    corr = np.fft.irfft2(cross, s=img_hp.shape)
+    corr = np.fft.fftshift(corr)
+    cy, cx = corr.shape[0] // 2, corr.shape[1] // 2
+    win = corr[cy - max_shift: cy + max_shift + 1, cx - max_shift: cx + max_shift + 1]
+    py, px = np.unravel_index(int(np.argmax(win)), win.shape)
+
+    def parabola(a, b, c):
+        den = a - 2 * b + c
+        return 0.0 if den >= 0 else 0.5 * (a - c) / den
+
+    dy = dx = 0.0
+    if 0 < py < win.shape[0] - 1:
+        dy = parabola(win[py - 1, px], win[py, px], win[py + 1, px])
+    if 0 < px < win.shape[1] - 1:
+        dx = parabola(win[py, px - 1], win[py, px], win[py, px + 1])
+    return py - max_shift + dy, px - max_shift + dx
 
 
 def _hysteresis(seeds: np.ndarray, grow: np.ndarray) -> np.ndarray:
