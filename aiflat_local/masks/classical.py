@@ -418,18 +418,16 @@ class ClassicalMasker:
             ya, yb = max(by0 - reach, 0), min(by1 + reach, h)
             xa, xb = max(bx0 - reach, 0), min(bx1 + reach, w)
             stack = np.stack([f[ya:yb, xa:xb] * s for f, s in zip(frames_kept, scales)])
-            sun = np.median(np.stack([ndimage.shift(p, (-dy, -dx), order=3, mode="nearest")
-                                      for p, (dy, dx) in zip(stack, shifts)]), axis=0)
             ref_p = np.median(stack, axis=0)
             lab = labels[ya:yb, xa:xb]
             own = lab == ob["_lab"]
             support = ndimage.binary_dilation(own, iterations=3)
-            e_sensor = e_sun = 0.0
+            num = den = 0.0
             for p, (dy, dx) in zip(stack, shifts):
-                model = ndimage.shift(sun, (dy, dx), order=3, mode="nearest")
-                e_sun += float(((p - model)[support] ** 2).sum())
-                e_sensor += float(((p - ref_p)[support] ** 2).sum())
-            ratio = e_sun / max(e_sensor, 1e-12)
+                moved = (ndimage.shift(ref_p, (dy, dx), order=3, mode="nearest") - ref_p)[support]
+                num += float(((p - ref_p)[support] * moved).sum())
+                den += float((moved * moved).sum())
+            ratio = num / max(den, 1e-12)
             ratios.append(ratio)
             ob["motion_ratio"] = round(ratio, 3)
             if ratio < self.motion_min_ratio:
