@@ -196,9 +196,11 @@ class _Applier:
 
         ``src`` may be read-only (a memory map). Returns ``(clipped_high, clipped_low)``.
         """
-        if self.sparse and self.integer and self.src_dtype == self.dtype:
-            return self._apply_sparse(src, out)
-        return self._apply_dense(src, out)
+        # Overflow to inf (huge float input) is handled by the clipping below.
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self.sparse and self.integer and self.src_dtype == self.dtype:
+                return self._apply_sparse(src, out)
+            return self._apply_dense(src, out)
 
     def _apply_sparse(self, src: np.ndarray, out: np.ndarray) -> tuple[int, int]:
         np.copyto(out, src)

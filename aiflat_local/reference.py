@@ -88,14 +88,16 @@ class _Plan:
     whole row across all frames does not fit, a piece of one row. Its samples
     are staged ``chunk`` frames at a time in a ``(chunk, band_rows, band_cols)``
     buffer and copied, transposed, into pixel-major tiles ``(tile_px, n)``.
-    When ``chunk == n`` a band is split into many tiles; otherwise the band is
-    one tile, filled chunk by chunk.
+    With ``whole_rows`` (then ``chunk == n``) a band is split into many
+    tiles; otherwise the band (a piece of one row) is one tile, filled chunk by
+    chunk.
     """
 
     band_rows: int
     band_cols: int
     chunk: int
     tile_px: int
+    whole_rows: bool
 
     def worker_bytes(self, n: int, itemsize: int) -> int:
         """Working memory of one worker: staging + tile + float64 results."""
@@ -114,11 +116,11 @@ def _plan(height: int, row_len: int, n: int, itemsize: int, budget: int, workers
         band_px = rows * row_len
         tile_px = min(band_px, max(1, _TARGET_TILE_BYTES // per_pixel),
                       max(1, (share - rows * row_all) // per_pixel))
-        return _Plan(rows, row_len, n, tile_px)
+        return _Plan(rows, row_len, n, tile_px, True)
     # A piece of one row: the tile holds all frames of it, staged in chunks.
     cols = int(max(1, min(row_len, share * 3 // 4 // per_pixel)))
     chunk = int(max(1, min(n, (share - cols * per_pixel) // (cols * itemsize))))
-    return _Plan(1, cols, chunk, cols)
+    return _Plan(1, cols, chunk, cols, False)
 
 
 class _SampleFile:
@@ -197,7 +199,7 @@ def temporal_median(
         raise InputError(f"workers must be an integer >= 1, not {workers!r}")
     try:
         budget = int(float(max_memory_mb) * 2**20)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InputError(f"max_memory_mb must be a number, not {max_memory_mb!r}") from None
     if budget <= 0:
         raise InputError(f"max_memory_mb must be > 0, not {max_memory_mb!r}")
@@ -258,10 +260,10 @@ def temporal_median(
     def work(band: tuple[int, int, int, int]) -> None:
         r0, r1, c0, c1 = band
         staging, tile = buffers()
-        if plan.chunk == n:
+        if plan.whole_rows:
             s = stage(staging, 0, n, r0, r1, c0, c1).reshape(n, -1)
             px = s.shape[1]
-            res = out[r0:r1, c0:c1].reshape(-1)  # whole rows (or one row): contiguous
+            res = out.reshape(-1)[r0 * row_len : r1 * row_len]  # whole rows: a view
             for p0 in range(0, px, plan.tile_px):
                 p1 = min(px, p0 + plan.tile_px)
                 t = tile[: p1 - p0]

@@ -11,8 +11,9 @@ the largest shift plus the seeing blur) and kept as its 2-D Fourier spectrum:
 - large scale: limb darkening ``I(mu) = 1 - u (1 - mu)`` of a disk much larger than
   the field; with ``limb=True`` the limb crosses the field and a faint sky
   (scattered light, 2 % of the disk) lies beyond it;
-- fine texture a few pixels across: granulation (``white_light``), H-alpha
-  fibrils and mottles (``halpha``) or the Ca II K network and plage (``cak``);
+- texture: granulation a few pixels across (``white_light``); H-alpha fibrils
+  and mottles plus bright plage and dark filament channels tens of pixels long
+  (``halpha``); or the Ca II K network, bright grains and plage (``cak``);
 - dark solar features, fixed to the Sun: sunspots (irregular umbra + filamentary
   penumbra, 10-40 px across) and pores (3-8 px). They are **not** dust.
 
@@ -40,7 +41,7 @@ Conventions
   ``(y, x)`` what the zero-shift frame shows at ``(y - dy, x - dx)`` (the Sun
   moves by ``+dy`` rows, ``+dx`` columns).
 - Dust objects and dark features are given in sensor pixels; dark features at
-  the mean Sun position (the mean of ``shifts``).
+  the mean Sun position, which is the zero shift (``shifts`` has mean exactly 0).
 - Everything is seeded: the same config gives bit-identical frames, and frame
   ``i`` depends only on ``(config, i)``, not on which frames were made before.
 """
@@ -106,8 +107,11 @@ class SimConfig:
         Diameter ratio of the central obstruction, 0 (refractor) to 0.9; > 0
         turns the footprint into an annulus, so far dust casts donuts.
     n_dust : int
-        Number of dust particles: about 36 % near (strong, small), 40 % medium
-        (3-10 % deep) and 24 % far (faint, large rings).
+        Number of dust particles: about 36 % near (0.15-1 mm from the sensor:
+        small, 12-60 % deep), 40 % medium (1.2-3 mm: 3-10 % deep) and 24 % far
+        (3.5-10 mm: 1.5-5 % deep, large rings). Footprints are kept within
+        0.3 x the smaller frame side (at most 120 px); the recorded
+        ``distance_mm`` is the one that gives the footprint used.
     n_sunspots, n_pores : int
         Dark solar features (they move with the Sun, they are not dust).
     drift_px : float
@@ -399,7 +403,7 @@ def _render_dust(cfg: SimConfig, kind: str, rng: np.random.Generator) -> dict:
     rim_shape = np.clip(spread - envelope, 0.0, None)
     rim_shape /= max(rim_shape.max(), 1e-12)
     depth = float(shadow.max())
-    rim_amp = min(rng.uniform(0.01, 0.03), 0.6 * depth)
+    rim_amp = min(rng.uniform(0.01, 0.03), 0.3 * depth + 0.005)  # faint shadows, fainter rims
     gain = 1.0 - shadow + rim_amp * rim_shape
     gain[np.abs(gain - 1.0) < 1e-6] = 1.0
     cy, cx = int(round(centre[0])), int(round(centre[1]))

@@ -126,11 +126,13 @@ def test_float_images_stay_float_and_are_not_rounded():
     json.dumps(stats.to_dict())  # JSON-ready
 
 
-def test_float_to_integer_counts_negative_nan_and_overflow():
-    img = np.array([[-3.0, np.nan, 1e9, 12.4]], np.float32)
-    out, counts = apply_flat(img, np.ones((1, 4), np.float32), np.uint16)
-    assert out.tolist() == [[0, 0, 65535, 12]]
-    assert counts.clipped_low == 2 and counts.clipped_high == 1
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float_to_integer_counts_negative_nan_and_overflow(dtype):
+    img = np.array([[-3.0, np.nan, 1e9, 12.4, np.inf, 1e300 if dtype == np.float64 else 3e38]], dtype)
+    flat = np.array([[1.0, 1.0, 1.0, 1.0, 1.0, 0.5]], np.float32)
+    out, counts = apply_flat(img, flat, np.uint16)  # no warnings (they are errors here)
+    assert out.tolist() == [[0, 0, 65535, 12, 65535, 65535]]
+    assert counts.clipped_low == 2 and counts.clipped_high == 3
 
 
 def test_apply_flat_shape_mismatch():

@@ -78,13 +78,14 @@ def test_plan_bands_then_row_pieces():
     budget = 256 * 2**20
     # Plenty of memory: whole-row bands, all frames staged, cache-sized tiles.
     plan = reference._plan(1200, 1920, 200, 2, budget, 2)
-    assert plan.band_cols == 1920 and 1 <= plan.band_rows < 1200 and plan.chunk == 200
+    assert plan.whole_rows and plan.band_cols == 1920 and 1 <= plan.band_rows < 1200
+    assert plan.chunk == 200
     assert plan.tile_px * 200 * 2 <= reference._TARGET_TILE_BYTES
     assert plan.worker_bytes(200, 2) <= budget // 2
     # Not even one row across all frames fits: pieces of a row, frames in chunks.
     n = 100_000
     plan = reference._plan(1200, 1920, n, 2, 64 * 2**20, 2)
-    assert plan.band_rows == 1 and plan.band_cols < 1920 and plan.chunk < n
+    assert not plan.whole_rows and plan.band_rows == 1 and plan.band_cols < 1920 and plan.chunk < n
     assert plan.worker_bytes(n, 2) <= 32 * 2**20
 
 
@@ -95,6 +96,18 @@ def test_plan_respects_the_budget(n, budget_mb):
     plan = reference._plan(37, 23 * 3, n, 2, budget, 2)
     floor = n * 2 + 24 + 2  # one pixel across all frames, one staged sample
     assert plan.worker_bytes(n, 2) <= max(budget // 2, floor)
+
+
+def test_row_piece_that_spans_the_whole_row(make_ser):
+    # A budget where one row of all frames does not fit half a worker's share,
+    # yet a "piece" of a row is the whole row, staged in frame chunks.
+    frames = _frames(30, (7, 5), np.uint16, seed=13)
+    budget = 1160
+    plan = reference._plan(7, 5, 30, 2, budget, 2)
+    assert not plan.whole_rows and plan.band_cols == 5 and plan.chunk < 30
+    with SerReader(make_ser(frames)) as r:
+        got = temporal_median(r, max_memory_mb=budget / 2**20)
+    assert np.array_equal(got, _numpy_median(frames))
 
 
 def test_band_height_not_dividing(make_ser, monkeypatch):

@@ -195,7 +195,7 @@ class ClassicalMasker:
     refine_margin_px: int = 3
     motion_frames: int = 32
     motion_min_px: float = 1.0
-    motion_min_ratio: float = 0.3
+    max_sun_coupling: float = 0.6
 
     name = "classical"
 
@@ -428,9 +428,8 @@ class ClassicalMasker:
                 num += float(((p - ref_p)[support] * moved).sum())
                 den += float((moved * moved).sum())
             ratio = num / max(den, 1e-12)
-            ratios.append(ratio)
-            ob["motion_ratio"] = round(ratio, 3)
-            if ratio < self.motion_min_ratio:
+            ob["sun_coupling"] = round(ratio, 3)
+            if ratio > self.max_sun_coupling:
                 rejected["moves_with_sun"] = rejected.get("moves_with_sun", 0) + 1
                 continue
             keep[ob["_lab"]] = True
