@@ -72,3 +72,17 @@ class Registry(Generic[T]):
                 f"install them (pip install {' '.join(missing)})"
             )
         return self._makers[name](**options)
+
+
+def import_backends(package: str, path) -> None:
+    """Import every module of a backend package so that each registers itself.
+
+    Modules whose names start with an underscore (private helpers) and ``base``
+    are skipped. Backend modules must keep heavy imports inside functions.
+    """
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(path), key=lambda m: m.name):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")

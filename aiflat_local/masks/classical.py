@@ -195,7 +195,7 @@ class ClassicalMasker:
     refine_margin_px: int = 3
     motion_frames: int = 32
     motion_min_px: float = 1.0
-    max_sun_coupling: float = 0.6
+    max_sun_coupling: float = 0.75
 
     name = "classical"
 
@@ -367,7 +367,7 @@ class ClassicalMasker:
         """Drop objects that move with the Sun rather than staying on the sensor.
 
         From up to ``motion_frames`` frames: register each to the reference
-        (phase correlation, sub-pixel, dust excluded), then for each object
+        (band-pass cross-correlation, sub-pixel, detections excluded), then for each object
         rebuild, from the frames around it, the Sun alone: the median of the
         frames aligned on the Sun (dust smeared out), shifted back by each
         frame's offset and medianed again (the Sun as the reference shows
@@ -389,7 +389,7 @@ class ClassicalMasker:
         y0, x0 = (h - ch) // 2, (w - cw) // 2
         crop = (slice(y0, y0 + ch), slice(x0, x0 + cw))
         exclude = ndimage.binary_dilation(mask, iterations=4)[crop]
-        ref_f = np.fft.rfft2(_highpass(img[crop], exclude))
+        ref_f = np.fft.rfft2(_bandpass(img[crop], exclude))
         max_shift = max(2, min(ch, cw) // 4)
         pad = 4
         boxes = [ob["bbox"] for ob in objects]
@@ -399,7 +399,7 @@ class ClassicalMasker:
             if f.shape != img.shape:
                 info["note"] = f"frame shape {f.shape} differs from the reference {img.shape}"
                 return mask, objects, info
-            dy, dx = _phase_shift(ref_f, _highpass(f[crop], exclude), max_shift)
+            dy, dx = _xcorr_shift(ref_f, _bandpass(f[crop], exclude), max_shift)
             scale = float(np.median(img[crop]) / max(float(np.median(f[crop])), 1e-12))
             shifts.append((dy, dx))
             scales.append(scale)
@@ -412,7 +412,7 @@ class ClassicalMasker:
             info["note"] = f"too little motion ({spread:.2f} px rms) to tell dust from solar features"
             return mask, objects, info
         reach = int(math.ceil(2 * np.abs(shifts).max())) + pad
-        kept_objects, ratios = [], []
+        kept_objects = []
         keep = np.zeros(labels.max() + 1, bool)
         for ob, (by0, bx0, by1, bx1) in zip(objects, boxes):
             ya, yb = max(by0 - reach, 0), min(by1 + reach, h)
@@ -422,14 +422,10 @@ class ClassicalMasker:
             lab = labels[ya:yb, xa:xb]
             own = lab == ob["_lab"]
             support = ndimage.binary_dilation(own, iterations=3)
-            num = den = 0.0
-            for p, (dy, dx) in zip(stack, shifts):
-                moved = (ndimage.shift(ref_p, (dy, dx), order=3, mode="nearest") - ref_p)[support]
-                num += float(((p - ref_p)[support] * moved).sum())
-                den += float((moved * moved).sum())
-            ratio = num / max(den, 1e-12)
-            ob["sun_coupling"] = round(ratio, 3)
-            if ratio > self.max_sun_coupling:
+            coupling = _sun_coupling(stack, ref_p, shifts, support,
+                                     max(1.0, 0.15 * float(ob["diameter"])))
+            ob["sun_coupling"] = [round(c, 3) for c in coupling]
+            if min(coupling) > self.max_sun_coupling:
                 rejected["moves_with_sun"] = rejected.get("moves_with_sun", 0) + 1
                 continue
             keep[ob["_lab"]] = True
@@ -511,21 +507,24 @@ def _frame_source(frames: Any):
     return n, get
 
 
-def _highpass(img: np.ndarray, exclude: np.ndarray) -> np.ndarray:
-    """Relative high-pass ``img / smooth - 1`` with *exclude* zeroed and a Hann taper."""
-    sm = ndimage.gaussian_filter(img, 8.0)
-    hp = np.where(exclude, 0.0, img / np.maximum(sm, 1e-12) - 1.0)
-    hp = np.clip(hp, -0.5, 0.5)
+def _bandpass(img: np.ndarray, exclude: np.ndarray) -> np.ndarray:
+    """Relative band-pass (Gaussian 1.5 px over 8 px, minus 1), *exclude* zeroed, Hann-tapered.
+
+    The lower cut matters: a frame's pixel noise is partly inside the median
+    of the frames, which would pull a whitened correlation towards zero shift.
+    """
+    num = ndimage.gaussian_filter(img, 1.5)
+    den = ndimage.gaussian_filter(img, 8.0)
+    bp = np.clip(num / np.maximum(den, 1e-12) - 1.0, -0.5, 0.5)
+    bp[exclude] = 0.0
     wy = np.hanning(img.shape[0])[:, None]
     wx = np.hanning(img.shape[1])[None, :]
-    return (hp * wy * wx).astype(np.float32)
+    return (bp * wy * wx).astype(np.float32)
 
 
-def _phase_shift(ref_f: np.ndarray, img_hp: np.ndarray, max_shift: int) -> tuple[float, float]:
-    """Sub-pixel ``(dy, dx)`` such that ``img(x) ~ ref(x - d)``, by phase correlation."""
-    cross = np.fft.rfft2(img_hp) * np.conj(ref_f)
-    cross /= np.maximum(np.abs(cross), 1e-12)
-    corr = np.fft.irfft2(cross, s=img_hp.shape)
+def _xcorr_shift(ref_f: np.ndarray, img_bp: np.ndarray, max_shift: int) -> tuple[float, float]:
+    """Sub-pixel ``(dy, dx)`` such that ``img(x) ~ ref(x - d)``, by cross-correlation."""
+    corr = np.fft.irfft2(np.fft.rfft2(img_bp) * np.conj(ref_f), s=img_bp.shape)
     corr = np.fft.fftshift(corr)
     cy, cx = corr.shape[0] // 2, corr.shape[1] // 2
     win = corr[cy - max_shift: cy + max_shift + 1, cx - max_shift: cx + max_shift + 1]
@@ -541,6 +540,43 @@ def _phase_shift(ref_f: np.ndarray, img_hp: np.ndarray, max_shift: int) -> tuple
     if 0 < px < win.shape[1] - 1:
         dx = parabola(win[py, px - 1], win[py, px], win[py, px + 1])
     return py - max_shift + dy, px - max_shift + dx
+
+
+def _sun_coupling(stack: np.ndarray, ref: np.ndarray, shifts: np.ndarray, support: np.ndarray,
+                  smooth_px: float) -> tuple[float, float]:
+    """How much of an object's structure moves with the Sun (1) or stays on the sensor (0).
+
+    ``stack`` holds the frames around the object (sensor coordinates), ``ref``
+    their median, ``shifts`` each frame's Sun offset. If the object moved with
+    the Sun, frame ``i`` would differ from ``ref`` by ``shift(ref, s_i) - ref``.
+    Returns two least-squares coefficients of the frame differences on that
+    prediction, over *support*: for the whole structure, and for its smooth
+    part (Gaussian *smooth_px*, the object's own shape) fitted jointly with
+    the fine residual (the solar texture on top of it), which keeps texture
+    moving over a faint dust shadow from passing for the shadow moving.
+    """
+    smooth = ndimage.gaussian_filter(ref, smooth_px)
+    fine = ref - smooth
+    num = den = 0.0
+    gram = np.zeros((2, 2))
+    rhs = np.zeros(2)
+    for frame, (dy, dx) in zip(stack, shifts):
+        diff = (frame - ref)[support]
+        whole = (ndimage.shift(ref, (dy, dx), order=3, mode="nearest") - ref)[support]
+        num += float(diff @ whole)
+        den += float(whole @ whole)
+        parts = np.stack([
+            (ndimage.shift(smooth, (dy, dx), order=3, mode="nearest") - smooth)[support],
+            (ndimage.shift(fine, (dy, dx), order=3, mode="nearest") - fine)[support],
+        ], axis=1)
+        gram += parts.T @ parts
+        rhs += parts.T @ diff
+    whole_c = num / max(den, 1e-12)
+    try:
+        shape_c = float(np.linalg.solve(gram + 1e-12 * np.eye(2), rhs)[0])
+    except np.linalg.LinAlgError:
+        shape_c = whole_c
+    return float(whole_c), shape_c
 
 
 def _hysteresis(seeds: np.ndarray, grow: np.ndarray) -> np.ndarray:
