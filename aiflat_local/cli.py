@@ -31,12 +31,55 @@ def _flat_options(f):
     return f
 
 
-def _backend_choices(kind: str) -> list[str]:
-    if kind == "masker":
-        from .masks import MASKERS
-        return MASKERS.names()
-    from .inpaint import INPAINTERS
-    return INPAINTERS.names()
+def _parse_option_pairs(pairs: tuple[str, ...], what: str) -> dict:
+    """``KEY=VALUE`` strings -> dict; values parsed as JSON when they are JSON (numbers, lists, true)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint=what)
+        key, value = pair.split("=", 1)
+        try:
+            out[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def _backend_options(f):
+    f = click.option("--masker-option", "masker_option", multiple=True, metavar="KEY=VALUE",
+                     help="Extra masker parameter (repeatable), e.g. --masker-option threshold=4.")(f)
+    f = click.option("--sam-model", default=None, help="SAM model for --masker sam: a weights/ name or a path.")(f)
+    return f
+
+
+def _inpainter_options(f):
+    f = click.option("--inpainter-option", "inpainter_option", multiple=True, metavar="KEY=VALUE",
+                     help="Extra inpainter parameter (repeatable).")(f)
+    f = click.option("--inpaint-model", default=None,
+                     help="Diffusion model for --inpainter diffusion: a weights/ name or a path.")(f)
+    f = click.option("--ensemble", type=click.IntRange(min=1), default=None,
+                     help="Diffusion: N samples with different seeds; median fill, spread saved as inpaint_spread.fits.")(f)
+    f = click.option("--seed", "inpaint_seed", type=int, default=None, help="Diffusion: base seed (recorded in report.json).")(f)
+    f = click.option("--reroll", default=None, metavar="all|ID[,ID...]",
+                     help="Diffusion: draw new samples for these regions (ids from report.json) or all.")(f)
+    return f
+
+
+def _collect_backend_options(masker_option, sam_model, inpainter_option=(), inpaint_model=None, ensemble=None,
+                             inpaint_seed=None, reroll=None) -> tuple[dict, dict]:
+    m = _parse_option_pairs(masker_option, "--masker-option")
+    if sam_model:
+        m["model"] = sam_model
+    i = _parse_option_pairs(inpainter_option, "--inpainter-option")
+    if inpaint_model:
+        i["model"] = inpaint_model
+    if ensemble is not None:
+        i["ensemble"] = ensemble
+    if inpaint_seed is not None:
+        i["seed"] = inpaint_seed
+    if reroll is not None:
+        i["reroll"] = "all" if reroll == "all" else [int(v) for v in reroll.split(",") if v.strip()]
+    return m, i
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,6 +99,8 @@ def cli() -> None:
 @click.option("--mask", "mask_path", type=click.Path(path_type=Path), default=None,
               help="Use this mask image (255 = dust) instead of running a masker.")
 @click.option("--inpainter", default="harmonic", show_default=True, help="Inpainter backend.")
+@_backend_options
+@_inpainter_options
 @_flat_options
 @click.option("--start", "frame_start", type=click.IntRange(min=0), default=0, help="First frame used for the reference.")
 @click.option("--stop", "frame_stop", type=click.IntRange(min=1), default=None, help="Stop before this frame.")
@@ -68,14 +113,17 @@ def cli() -> None:
               help="flat.tif: float32 with unity 0.5 (PixInsight-safe) or the original tool's uint16 65535 = 1.0.")
 @click.option("--no-calibrate", is_flag=True, help="Build the flat but do not write calibrated frames.")
 @click.option("--quiet", is_flag=True, help="No progress bars or step messages (warnings and errors still shown).")
-def run(input_path, outdir, masker, mask_path, inpainter, expand_px, sigma_px, frame_start, frame_stop,
-        frame_step, max_memory_mb, device, tiff_scale, no_calibrate, quiet):
+def run(input_path, outdir, masker, mask_path, inpainter, masker_option, sam_model, inpainter_option, inpaint_model,
+        ensemble, inpaint_seed, reroll, expand_px, sigma_px, frame_start, frame_stop, frame_step, max_memory_mb,
+        device, tiff_scale, no_calibrate, quiet):
     """Build a dust flat for INPUT (a SER video or an image) and calibrate it."""
     from .flat import FlatParams
     from .pipeline import RunOptions, run as run_pipeline
 
+    masker_options, inpainter_options = _collect_backend_options(
+        masker_option, sam_model, inpainter_option, inpaint_model, ensemble, inpaint_seed, reroll)
     options = RunOptions(
-        masker=masker, inpainter=inpainter, mask_path=str(mask_path) if mask_path else None,
+        masker=masker, inpainter=inpainter, masker_options=masker_options, inpainter_options=inpainter_options, mask_path=str(mask_path) if mask_path else None,
         flat=FlatParams(expand_px=expand_px, sigma_px=sigma_px), frame_start=frame_start,
         frame_stop=frame_stop, frame_step=frame_step, max_memory_mb=max_memory_mb, device=device,
         calibrate=not no_calibrate, tiff_scale=tiff_scale, progress=not quiet,
@@ -116,7 +164,9 @@ def reference(video, output, start, stop, step, max_memory_mb, quiet):
 @click.argument("image", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output PNG (255 = dust).")
 @click.option("--masker", default="classical", show_default=True)
-def mask(image, output, masker):
+@_backend_options
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def mask(image, output, masker, masker_option, sam_model, device):
     """Detect dust in IMAGE (FITS/TIFF/PNG/JPEG/XISF, or a SER's median) and write the mask."""
     from .io import detect_format, read_image, write_mask
     from .masks import MASKERS
@@ -130,7 +180,10 @@ def mask(image, output, masker):
             ref = temporal_median(reader, progress=True)
     else:
         ref, _ = read_image(image)
-    result = MASKERS.create(masker)(to_mono(ref))
+    options, _ = _collect_backend_options(masker_option, sam_model)
+    if MASKERS.info(masker).needs_weights:
+        options.setdefault("device", device)
+    result = MASKERS.create(masker, **options)(to_mono(ref))
     write_mask(output, result.binary, protect=(image,))
     _log(f"wrote {output}: {int(result.binary.sum())} dust pixels")
 

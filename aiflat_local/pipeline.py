@@ -101,9 +101,17 @@ def compute_mask(reference: np.ndarray, options: RunOptions, frames: Any = None)
                 f"{reference.shape[1]} x {reference.shape[0]}"
             )
         return mask, {"backend": "file", "params": {"path": str(options.mask_path)}, "objects": []}
-    masker = MASKERS.create(options.masker, **options.masker_options)
+    masker = MASKERS.create(options.masker, **backend_options(MASKERS, options.masker, options.masker_options, options))
     result = masker(reference, frames=frames)
     return result.binary, {"backend": options.masker, "params": result.params, "objects": result.objects}
+
+
+def backend_options(registry, name: str, given: dict[str, Any], options: RunOptions) -> dict[str, Any]:
+    """Options for a backend: what the user gave, plus ``device`` for backends that run models."""
+    out = dict(given)
+    if registry.info(name).needs_weights:
+        out.setdefault("device", options.device)
+    return out
 
 
 def check_options(input_path: Path, outdir: Path, options: RunOptions) -> None:
@@ -138,9 +146,12 @@ def make_flat(reference: np.ndarray, mask: np.ndarray, options: RunOptions) -> t
     if region.all():
         raise InputError("the expanded dust mask covers the whole image: nothing to inpaint from")
     if region.any():
-        inpainter = INPAINTERS.create(options.inpainter, **options.inpainter_options)
+        inpainter = INPAINTERS.create(
+            options.inpainter, **backend_options(INPAINTERS, options.inpainter, options.inpainter_options, options))
         result = inpainter(reference, region)
         inpainted, info = result.image, {"backend": options.inpainter, "params": result.params}
+        if result.spread is not None:
+            info["spread"] = result.spread
     else:
         inpainted, info = reference.copy(), {"backend": options.inpainter, "params": {}, "skipped": "empty mask"}
     flat = build_flat(reference, mask, inpainted=inpainted, params=options.flat)
@@ -306,6 +317,9 @@ def _write_outputs(staging: Path, report: dict[str, Any], raw_reference: np.ndar
     write_mask(staging / "mask.png", mask)
     write_fits(staging / "mask_soft.fits", flat.soft_mask, {**prov, "IMAGETYP": "soft mask"})
     write_fits(staging / "inpainted.fits", inpainted, {**prov, "IMAGETYP": "inpainted"})
+    spread = report.get("inpaint", {}).pop("spread", None)
+    if spread is not None:
+        write_fits(staging / "inpaint_spread.fits", spread, {**prov, "IMAGETYP": "inpaint spread"})
     write_fits(staging / "flat.fits", flat.flat, {**prov, "IMAGETYP": "flat", "UNITY": 1.0})
     tif, tif_info = flat_for_tiff(flat.flat, options.tiff_scale)
     write_tiff(staging / "flat.tif", tif,

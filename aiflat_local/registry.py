@@ -71,7 +71,22 @@ class Registry(Generic[T]):
                 f"{self.kind} {name!r} needs the Python package(s) {', '.join(missing)}; "
                 f"install them (pip install {' '.join(missing)})"
             )
-        return self._makers[name](**options)
+        import inspect
+
+        maker = self._makers[name]
+        try:
+            signature = inspect.signature(maker)
+        except (TypeError, ValueError):
+            signature = None
+        if signature is not None and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            unknown = sorted(set(options) - set(signature.parameters))
+            if unknown:
+                known = [p for p in signature.parameters if p != "self"]
+                raise BackendError(
+                    f"{self.kind} {name!r} has no option {', '.join(unknown)}; "
+                    f"its options: {', '.join(known) or 'none'}"
+                )
+        return maker(**options)
 
 
 def import_backends(package: str, path) -> None:

@@ -86,3 +86,10 @@ def test_shipped_manifest_is_valid():
     assert store.models, "weights/manifest.json lists no models"
     for name, entry in store.models.items():
         assert {"kind", "path", "files", "licence", "source", "fetch"} <= set(entry), name
+
+
+def test_unknown_backend_option_is_one_clear_error():
+    from aiflat_local.masks import MASKERS
+
+    with pytest.raises(BackendError, match="masker 'classical' has no option bogus"):
+        MASKERS.create("classical", bogus=3)
