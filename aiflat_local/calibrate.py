@@ -194,7 +194,8 @@ class _Applier:
     def apply(self, src: np.ndarray, out: np.ndarray) -> tuple[int, int]:
         """Calibrate ``src`` ``(k, H, W*planes)`` into ``out`` (same shape, output dtype).
 
-        ``src`` may be read-only (a memory map). Returns ``(clipped_high, clipped_low)``.
+        ``src`` may be read-only, or ``out`` itself (in place). Returns
+        ``(clipped_high, clipped_low)``.
         """
         # Overflow to inf (huge float input) is handled by the clipping below.
         with np.errstate(over="ignore", invalid="ignore"):
@@ -203,7 +204,8 @@ class _Applier:
             return self._apply_dense(src, out)
 
     def _apply_sparse(self, src: np.ndarray, out: np.ndarray) -> tuple[int, int]:
-        np.copyto(out, src)
+        if src is not out:
+            np.copyto(out, src)
         if self.idx.size == 0:
             return 0, 0
         flat_view = out.reshape(out.shape[0], -1)
@@ -375,7 +377,8 @@ def calibrate_ser(
         # way); BGR frames are handed to the writer as RGB views, which it
         # turns back into BGR.
         file_dtype = dtype.newbyteorder("<" if reader.byteorder == "little" else ">")
-        staging = np.empty((per_chunk, h, w * planes), dtype=file_dtype)
+        direct = file_dtype == dtype  # native order: read straight into the output buffer
+        staging = None if direct else np.empty((per_chunk, h, w * planes), dtype=file_dtype)
         frame_shape = reader.frame_shape
         bgr = reader.header.color_id == 101
         samples = _SampleFile(Path(in_path))
@@ -383,9 +386,9 @@ def calibrate_ser(
         def process(c: int) -> tuple[np.ndarray, int, int]:
             f0 = starts[c]
             f1 = min(n, f0 + per_chunk)
-            src = staging[: f1 - f0]
-            samples.read_into(src, HEADER_SIZE + f0 * frame_bytes)
             out = buffers[c % 2][: f1 - f0]
+            src = out if staging is None else staging[: f1 - f0]
+            samples.read_into(src, HEADER_SIZE + f0 * frame_bytes)
             hi, lo = applier.apply(src, out)
             return out, hi, lo
 

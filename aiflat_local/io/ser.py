@@ -337,7 +337,8 @@ class SerWriter:
             raise ValueError(f"frame dtype {frame.dtype} != {self.dtype} (convert explicitly)")
         if self.header.color_id == 101:
             frame = frame[..., ::-1]
-        self._fh.write(np.ascontiguousarray(frame, dtype=self.dtype.newbyteorder("<")).tobytes())
+        data = np.ascontiguousarray(frame, dtype=self.dtype.newbyteorder("<"))
+        self._fh.write(memoryview(data).cast("B"))  # no intermediate bytes copy
         self._count += 1
 
     def close(self) -> None:

@@ -155,8 +155,16 @@ class ClassicalMasker:
         background.
     min_pixel_depth : float
         And every refined pixel at least this deep (fraction).
+    rel_floor : float
+        And at least this fraction of its object's peak depth (stops a deep
+        shadow from growing into the surrounding texture).
     min_area_px : int
         Smaller objects are dropped (hot/cold pixels, noise).
+    speck_diameter_px, speck_min_depth : float
+        Objects smaller than this (equivalent diameter, px) and shallower than
+        this (fraction) are dropped: a shadow that small comes from dust
+        close to the sensor, which is deep; a tiny faint dip is noise or
+        granulation.
     max_diameter_px : float
         Objects with a larger equivalent diameter are not dust.
     max_elongation : float
@@ -183,7 +191,10 @@ class ClassicalMasker:
     min_seed_depth: float = 0.01
     pixel_sigma: float = 3.0
     min_pixel_depth: float = 0.005
+    rel_floor: float = 0.1
     min_area_px: int = 5
+    speck_diameter_px: float = 8.0
+    speck_min_depth: float = 0.04
     max_diameter_px: float = 160.0
     max_elongation: float = 2.5
     fibre_min_depth: float = 0.15
@@ -193,9 +204,9 @@ class ClassicalMasker:
     sky_fraction: float = 0.15
     limb_margin_px: int = 6
     refine_margin_px: int = 3
-    motion_frames: int = 32
+    motion_frames: int = 24
     motion_min_px: float = 1.0
-    max_sun_coupling: float = 0.75
+    max_sun_coupling: float = 0.9
 
     name = "classical"
 
@@ -244,9 +255,9 @@ class ClassicalMasker:
         rejected: dict[str, int] = {}
         motion: dict[str, Any] = {"used": False}
         if cand.any():
-            mask, objects, labels, bg = self._refine(work, cand, seeds, ms, sky, rejected)
+            mask, objects, labels, cores, bg = self._refine(work, cand, seeds, ms, sky, rejected)
             if frames is not None and self.motion_frames > 0 and objects:
-                mask, objects, motion = self._motion_check(work, bg, labels, objects, frames,
+                mask, objects, motion = self._motion_check(work, labels, cores, objects, frames,
                                                            rejected)
             for ob in objects:
                 ob.pop("_lab", None)
@@ -330,7 +341,6 @@ class ClassicalMasker:
         zs = np.where(seeds, ms["z"], -np.inf)
         best = ndimage.maximum_position(zs, labels_c, index=np.arange(1, n_c + 1))
         k_c = np.array([ms["k"][p] for p in best], dtype=np.int64)
-        margin = np.ceil(self.refine_margin_px + scales[k_c]).astype(np.int64)
         region = np.zeros((h, w), bool)
         for k in np.unique(k_c):
             sel = np.zeros(n_c + 1, bool)
@@ -340,30 +350,40 @@ class ClassicalMasker:
             region |= grown
         region &= ~sky
         if region.all() or not region.any():
-            return np.zeros((h, w), bool), [], np.zeros((h, w), np.int32), img
+            zero = np.zeros((h, w), np.int32)
+            return np.zeros((h, w), bool), [], zero, zero, img
         smooth1 = ndimage.gaussian_filter(img, 1.0)
         bg = HarmonicInpainter()(smooth1, region).image
         d_raw = np.where(region, 1.0 - img / np.maximum(bg, 1e-12), 0.0).astype(np.float32)
-        # each candidate is measured at half its detection scale (at least 1 px)
-        obj = np.zeros((h, w), bool)
-        dsm = np.zeros((h, w), np.float32)
-        nsig = np.ones((h, w), np.float32)
-        region_lab = ndimage.label(region, structure=_EIGHT)[0]
-        for k in np.unique(k_c):
-            rs = max(1.0, scales[k] / 2)
-            dk = ndimage.gaussian_filter(d_raw, rs)
-            sk = ms["sigmas"][min(int(np.searchsorted(scales, rs)), len(scales) - 1)]
-            mine = np.isin(region_lab, np.unique(region_lab[labels_c > 0][k_c[labels_c[labels_c > 0] - 1] == k]))
-            sel = mine & region
-            dsm[sel] = dk[sel]
-            nsig[sel] = sk[sel]
-        strong = region & (dsm > self.pixel_sigma * nsig) & (dsm > self.min_pixel_depth)
-        obj = _hysteresis(strong & (seeds | (dsm > 2 * self.pixel_sigma * nsig)), strong)
+        # A pixel belongs to an object when it is significant at some scale up
+        # to the object's detection scale, and still dips at the finest scale
+        # (so a blurred deep shadow does not spill over its neighbours), by at
+        # least rel_floor of its nearest candidate's peak.
+        owner_idx = ndimage.distance_transform_edt(labels_c == 0, return_distances=False,
+                                                   return_indices=True)
+        owner = labels_c[owner_idx[0], owner_idx[1]]
+        del owner_idx
+        k_map = np.zeros(n_c + 1, np.int64)
+        k_map[1:] = k_c
+        k_owner = k_map[owner]
+        n1 = ms["sigmas"][0]
+        d1 = ndimage.gaussian_filter(d_raw, 1.0)
+        significant = region & (d1 > self.pixel_sigma * n1)
+        for k in range(1, int(k_c.max()) + 1):
+            dk = ndimage.gaussian_filter(d_raw, scales[k] / 2.0)
+            nk = ms["sigmas"][int(np.argmin(np.abs(scales - scales[k] / 2.0)))]
+            significant |= region & (k_owner >= k) & (dk > self.pixel_sigma * nk)
+        peak = np.zeros(n_c + 1, np.float32)
+        peak[1:] = ndimage.maximum(d1, labels_c, index=np.arange(1, n_c + 1))
+        floor = np.maximum(np.maximum(self.rel_floor * peak[owner], self.min_pixel_depth), n1)
+        strong = significant & (d1 > floor)
+        obj = _hysteresis(strong & seeds, strong)
         obj = ndimage.binary_fill_holes(obj)
-        mask, objects, labels = self._select(obj, d_raw, dsm, nsig, sky, rejected)
-        return mask, objects, labels, bg
+        dsm, nsig = d1, n1
+        mask, objects, labels, cores = self._select(obj, d_raw, dsm, nsig, sky, rejected)
+        return mask, objects, labels, cores, bg
 
-    def _motion_check(self, img, bg, labels, objects, frames, rejected):
+    def _motion_check(self, img, labels, cores, objects, frames, rejected):
         """Drop objects that move with the Sun rather than staying on the sensor.
 
         From up to ``motion_frames`` frames: register each to the reference
@@ -419,9 +439,7 @@ class ClassicalMasker:
             xa, xb = max(bx0 - reach, 0), min(bx1 + reach, w)
             stack = np.stack([f[ya:yb, xa:xb] * s for f, s in zip(frames_kept, scales)])
             ref_p = np.median(stack, axis=0)
-            lab = labels[ya:yb, xa:xb]
-            own = lab == ob["_lab"]
-            support = ndimage.binary_dilation(own, iterations=3)
+            support = ndimage.binary_dilation(cores[ya:yb, xa:xb] == ob["_lab"], iterations=3)
             coupling = _sun_coupling(stack, ref_p, shifts, support,
                                      max(1.0, 0.15 * float(ob["diameter"])))
             ob["sun_coupling"] = [round(c, 3) for c in coupling]
@@ -435,13 +453,34 @@ class ClassicalMasker:
         info.update(used=True, n_tested=len(objects), n_rejected=len(objects) - len(kept_objects))
         return keep[labels], kept_objects, info
 
+    def _split(self, obj: np.ndarray, d1: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """Split touching shadows: one object per core (part deeper than a quarter of its peak).
+
+        Returns ``(labels, cores, n)``: every pixel of *obj* goes to its nearest
+        core, so a deep spot touching a faint ring or a texture dip is judged on
+        its own.
+        """
+        parents, n_p = ndimage.label(obj, structure=_EIGHT)
+        if n_p == 0:
+            return parents, parents, 0
+        peak = np.zeros(n_p + 1, np.float32)
+        peak[1:] = ndimage.maximum(d1, parents, index=np.arange(1, n_p + 1))
+        cores, n = ndimage.label(obj & (d1 >= 0.25 * peak[parents]), structure=_EIGHT)
+        idx = ndimage.distance_transform_edt(cores == 0, return_distances=False, return_indices=True)
+        labels = np.where(obj, cores[idx[0], idx[1]], 0)
+        return labels, cores, n
+
     def _select(self, obj, d_raw, dsm, nsig, sky, rejected):
-        """Measure each object and keep what is plausibly dust."""
-        labels, n = ndimage.label(obj, structure=_EIGHT)
+        """Measure each object and keep what is plausibly dust.
+
+        Returns the kept mask, the object records, and the kept objects' label
+        and core images (same label numbers, 0 elsewhere).
+        """
+        d1 = ndimage.gaussian_filter(d_raw, 0.7)
+        labels, cores, n = self._split(obj, d1)
         keep = np.zeros(n + 1, bool)
         objects: list[dict[str, Any]] = []
         near_sky = ndimage.binary_dilation(sky, iterations=1) if sky.any() else sky
-        d1 = ndimage.gaussian_filter(d_raw, 0.7)
         for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
             if sl is None:
                 continue
@@ -451,10 +490,17 @@ class ClassicalMasker:
             diam = 2 * math.sqrt(area / math.pi)
             depth = float(d1[sl][m].max())
             z = float((dsm[sl][m] / nsig[sl][m]).max())
-            major, minor, elong = _moments(ys, xs)
+            # the physics and shape rules judge the core (deeper than a quarter
+            # of the peak): a faint ring around a deep spot must not make the
+            # spot look huge
+            cys, cxs = np.nonzero(cores[sl] == lab)
+            core_diam = 2 * math.sqrt(max(cys.size, 1) / math.pi)
+            major, minor, elong = _moments(cys, cxs)
             reason = None
             if area < self.min_area_px:
                 reason = "small"
+            elif diam < self.speck_diameter_px and depth < self.speck_min_depth:
+                reason = "faint_speck"
             elif (near_sky[sl] & m).any():
                 reason = "limb"
             elif diam > self.max_diameter_px:
@@ -462,7 +508,7 @@ class ClassicalMasker:
             elif elong > self.max_elongation and not (
                     depth >= self.fibre_min_depth and major <= self.max_fibre_length_px):
                 reason = "elongated"
-            elif depth > plausible_depth(diam, self.max_particle_px, self.max_dust_depth):
+            elif depth > plausible_depth(core_diam, self.max_particle_px, self.max_dust_depth):
                 reason = "too_dark"
             if reason:
                 rejected[reason] = rejected.get(reason, 0) + 1
@@ -472,11 +518,13 @@ class ClassicalMasker:
                 "label": len(objects) + 1, "_lab": lab,
                 "y": round(float(ys.mean() + sl[0].start), 2),
                 "x": round(float(xs.mean() + sl[1].start), 2),
-                "area": area, "diameter": round(diam, 2), "depth": round(depth, 4),
-                "significance": round(z, 2), "elongation": round(elong, 2),
+                "area": area, "diameter": round(diam, 2), "core_diameter": round(core_diam, 2),
+                "depth": round(depth, 4), "significance": round(z, 2),
+                "elongation": round(elong, 2),
                 "bbox": [int(sl[0].start), int(sl[1].start), int(sl[0].stop), int(sl[1].stop)],
             })
-        return keep[labels], objects, np.where(keep[labels], labels, 0)
+        kept = keep[labels]
+        return kept, objects, np.where(kept, labels, 0), np.where(keep[cores], cores, 0)
 
 
 # --------------------------------------------------------------------------- motion
@@ -556,19 +604,21 @@ def _sun_coupling(stack: np.ndarray, ref: np.ndarray, shifts: np.ndarray, suppor
     moving over a faint dust shadow from passing for the shadow moving.
     """
     smooth = ndimage.gaussian_filter(ref, smooth_px)
-    fine = ref - smooth
+    # cubic-spline coefficients once; each frame's shift then costs one pass
+    ref_c = ndimage.spline_filter(ref, order=3, mode="nearest")
+    smooth_c = ndimage.spline_filter(smooth, order=3, mode="nearest")
     num = den = 0.0
     gram = np.zeros((2, 2))
     rhs = np.zeros(2)
     for frame, (dy, dx) in zip(stack, shifts):
         diff = (frame - ref)[support]
-        whole = (ndimage.shift(ref, (dy, dx), order=3, mode="nearest") - ref)[support]
+        whole = (ndimage.shift(ref_c, (dy, dx), order=3, mode="nearest", prefilter=False)
+                 - ref)[support]
+        part = (ndimage.shift(smooth_c, (dy, dx), order=3, mode="nearest", prefilter=False)
+                - smooth)[support]
         num += float(diff @ whole)
         den += float(whole @ whole)
-        parts = np.stack([
-            (ndimage.shift(smooth, (dy, dx), order=3, mode="nearest") - smooth)[support],
-            (ndimage.shift(fine, (dy, dx), order=3, mode="nearest") - fine)[support],
-        ], axis=1)
+        parts = np.stack([part, whole - part], axis=1)
         gram += parts.T @ parts
         rhs += parts.T @ diff
     whole_c = num / max(den, 1e-12)
