@@ -406,6 +406,11 @@ def main(argv=None) -> int:
         "bit_identical": identical,
         "targets": {"speedup": TARGET_SPEEDUP, "memory_fraction": TARGET_MEMORY_FRACTION,
                     "met": targets_met if not args.smoke else None},
+        "tables": [{
+            "title": f"{width} x {height} x {args.frames} frames uint16 ({size_mb:.0f} MiB)",
+            "columns": ["task", "time s", "peak RSS MiB", "note"],
+            "rows": [[name, round(r["seconds"], 2), round(r["peak_rss_mb"]), note] for name, r, note in rows],
+        }],
     }
     path = write_results("speed", result, args.output, smoke=args.smoke)
     print(f"wrote {path}")
