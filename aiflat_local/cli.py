@@ -60,13 +60,15 @@ def _inpainter_options(f):
     f = click.option("--ensemble", type=click.IntRange(min=1), default=None,
                      help="Diffusion: N samples with different seeds; median fill, spread saved as inpaint_spread.fits.")(f)
     f = click.option("--seed", "inpaint_seed", type=int, default=None, help="Diffusion: base seed (recorded in report.json).")(f)
+    f = click.option("--inpaint-batch-size", type=click.IntRange(min=1), default=None,
+                     help="Diffusion: crops per model call (lower it when the GPU runs out of memory).")(f)
     f = click.option("--reroll", default=None, metavar="all|ID[,ID...]",
                      help="Diffusion: draw new samples for these regions (ids from report.json) or all.")(f)
     return f
 
 
 def _collect_backend_options(masker_option, sam_model, inpainter_option=(), inpaint_model=None, ensemble=None,
-                             inpaint_seed=None, reroll=None) -> tuple[dict, dict]:
+                             inpaint_seed=None, reroll=None, inpaint_batch_size=None) -> tuple[dict, dict]:
     m = _parse_option_pairs(masker_option, "--masker-option")
     if sam_model:
         m["model"] = sam_model
@@ -77,6 +79,8 @@ def _collect_backend_options(masker_option, sam_model, inpainter_option=(), inpa
         i["ensemble"] = ensemble
     if inpaint_seed is not None:
         i["seed"] = inpaint_seed
+    if inpaint_batch_size is not None:
+        i["batch_size"] = inpaint_batch_size
     if reroll is not None:
         i["reroll"] = "all" if reroll == "all" else [int(v) for v in reroll.split(",") if v.strip()]
     return m, i
@@ -109,23 +113,25 @@ def cli() -> None:
               help="Memory budget (MB) of the temporal median.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Device for learned backends.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None,
+              help="Precision of learned backends (float16 on CUDA only; default: the backend's choice).")
 @click.option("--tiff-scale", type=click.Choice(["half", "unity16"]), default="half", show_default=True,
               help="flat.tif: float32 with unity 0.5 (PixInsight-safe) or the original tool's uint16 65535 = 1.0.")
 @click.option("--no-calibrate", is_flag=True, help="Build the flat but do not write calibrated frames.")
 @click.option("--quiet", is_flag=True, help="No progress bars or step messages (warnings and errors still shown).")
 def run(input_path, outdir, masker, mask_path, inpainter, masker_option, sam_model, inpainter_option, inpaint_model,
-        ensemble, inpaint_seed, reroll, expand_px, sigma_px, frame_start, frame_stop, frame_step, max_memory_mb,
+        ensemble, inpaint_seed, reroll, inpaint_batch_size, dtype, expand_px, sigma_px, frame_start, frame_stop, frame_step, max_memory_mb,
         device, tiff_scale, no_calibrate, quiet):
     """Build a dust flat for INPUT (a SER video or an image) and calibrate it."""
     from .flat import FlatParams
     from .pipeline import RunOptions, run as run_pipeline
 
     masker_options, inpainter_options = _collect_backend_options(
-        masker_option, sam_model, inpainter_option, inpaint_model, ensemble, inpaint_seed, reroll)
+        masker_option, sam_model, inpainter_option, inpaint_model, ensemble, inpaint_seed, reroll, inpaint_batch_size)
     options = RunOptions(
         masker=masker, inpainter=inpainter, masker_options=masker_options, inpainter_options=inpainter_options, mask_path=str(mask_path) if mask_path else None,
         flat=FlatParams(expand_px=expand_px, sigma_px=sigma_px), frame_start=frame_start,
-        frame_stop=frame_stop, frame_step=frame_step, max_memory_mb=max_memory_mb, device=device,
+        frame_stop=frame_stop, frame_step=frame_step, max_memory_mb=max_memory_mb, device=device, dtype=dtype,
         calibrate=not no_calibrate, tiff_scale=tiff_scale, progress=not quiet,
     )
     report = run_pipeline(input_path, outdir, options, log=(lambda s: None) if quiet else _log)

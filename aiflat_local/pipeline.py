@@ -48,6 +48,7 @@ class RunOptions:
     frame_step: int = 1
     max_memory_mb: int = 256
     device: str = "cpu"
+    dtype: str | None = None  # model precision for learned backends: float32 | float16 (CUDA) | None = backend default
     calibrate: bool = True
     tiff_scale: str = "half"  # "half": unity stored at 0.5 (float32); "unity16": 65535 = 1.0
     byteorder: str = "auto"
@@ -111,6 +112,10 @@ def backend_options(registry, name: str, given: dict[str, Any], options: RunOpti
     out = dict(given)
     if registry.info(name).needs_weights:
         out.setdefault("device", options.device)
+        if options.dtype is not None:
+            out.setdefault("dtype", options.dtype)
+    if registry.accepts(name, "progress"):
+        out.setdefault("progress", options.progress)
     return out
 
 

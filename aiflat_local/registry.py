@@ -62,6 +62,17 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}"
             )
 
+    def accepts(self, name: str, option: str) -> bool:
+        """Whether backend *name*'s maker takes keyword *option*."""
+        import inspect
+
+        self._check(name)
+        try:
+            params = inspect.signature(self._makers[name]).parameters
+        except (TypeError, ValueError):
+            return False
+        return option in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
     def create(self, name: str, **options) -> T:
         """Build backend *name*; a missing optional dependency is one clear error."""
         self._check(name)

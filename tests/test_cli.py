@@ -168,3 +168,30 @@ def test_weights_list_and_version(cli):
     assert code == 0 and "sam-vit-base" in out
     code, out, _ = cli("--version")
     assert code == 0 and "aiflat-local" in out
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_run_with_diffusion_inpainter_from_a_local_folder(tmp_path, cli, small_video):
+    """End to end through the CLI: a tiny random diffusers folder, ensemble of 2, spread written, flat fenced."""
+    pytest.importorskip("diffusers")
+    from aiflat_local.inpaint._diffusion_tiny import make_tiny_inpaint_pipeline
+
+    model = make_tiny_inpaint_pipeline(tmp_path / "tiny-sd")
+    code, _, err = cli("run", small_video.video, "-o", tmp_path / "out", "--quiet", "--inpainter", "diffusion",
+                       "--inpaint-model", model, "--ensemble", "2", "--seed", "7",
+                       "--inpainter-option", "steps=2", "--inpainter-option", "crop_size=64",
+                       "--inpainter-option", "context_px=8")
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["inpaint"]["backend"] == "diffusion"
+    assert report["inpaint"]["params"]["seed"] == 7
+    spread, _ = read_image(tmp_path / "out" / "inpaint_spread.fits")
+    soft, _ = read_image(tmp_path / "out" / "mask_soft.fits")
+    flat, _ = read_image(tmp_path / "out" / "flat.fits")
+    assert spread.shape == flat.shape and np.all(spread[soft == 0] == 0)
+    assert np.all(flat[soft == 0] == 1.0)
+    # a missing model is one clear line
+    code, _, err = cli("run", small_video.video, "-o", tmp_path / "o2", "--quiet", "--inpainter", "diffusion",
+                       "--inpaint-model", tmp_path / "nope")
+    assert_one_line_error(code, err, "nope")
