@@ -182,9 +182,33 @@ def _harmonic_fill(img, unknown, valid, max_direct: int, tol: float) -> np.ndarr
     guess_full = np.repeat(np.repeat(coarse, 2, axis=0), 2, axis=1)[: img.shape[0], : img.shape[1]]
     guess_full = ndimage.uniform_filter(guess_full, size=3, mode="nearest")
     x0 = guess_full[unknown]
-    diag = a.diagonal()
-    precond = splinalg.LinearOperator(a.shape, matvec=lambda v: v / diag)
-    x, _ = splinalg.cg(a, b, x0=x0, rtol=tol, maxiter=20 * int(np.sqrt(n)) + 100, M=precond)
+    return _jacobi_cg(a.tocsr(), b, x0, tol, maxiter=20 * int(np.sqrt(n)) + 100)
+
+
+def _jacobi_cg(a: sparse.csr_matrix, b: np.ndarray, x: np.ndarray, tol: float,
+               maxiter: int) -> np.ndarray:
+    """Jacobi-preconditioned conjugate gradients for a symmetric positive definite *a*.
+
+    Written with element-wise numpy only (no BLAS dot products), so it does
+    not stall when BLAS threads compete for a few busy cores.
+    """
+    inv_d = 1.0 / a.diagonal()
+    r = b - a @ x
+    z = r * inv_d
+    p = z.copy()
+    rz = float((r * z).sum())
+    stop = (tol * float(np.sqrt((b * b).sum()))) ** 2
+    for _ in range(maxiter):
+        if float((r * r).sum()) <= stop:
+            break
+        ap = a @ p
+        alpha = rz / float((p * ap).sum())
+        x = x + alpha * p
+        r = r - alpha * ap
+        z = r * inv_d
+        rz_new = float((r * z).sum())
+        p = z + (rz_new / rz) * p
+        rz = rz_new
     return x
 
 
@@ -304,7 +328,8 @@ class HarmonicInpainter(_PDEInpainter):
 
 
 @INPAINTERS.register("biharmonic",
-                     "biharmonic fill per masked region (continues gradients, exact for quadratics)")
+                     "biharmonic fill per masked region (continues gradients; exact for "
+                     "quadratics)")
 @dataclass
 class BiharmonicInpainter(_PDEInpainter):
     """Biharmonic inpainting, one sparse solve per region.

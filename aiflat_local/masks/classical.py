@@ -4,40 +4,53 @@ What it looks for
 -----------------
 In a temporal median of a solar video, a dust shadow is a *multiplicative*
 dip fixed to the sensor: dark, compact, round or donut-shaped, from ~3 px to
-~100+ px across, 1.5 % to ~60 % deep, often with a faint bright rim. The
-physics ties depth to size: a particle of diameter ``p`` at a distance that
-spreads the beam over a footprint ``f`` (``f = distance / f-ratio``) casts a
-shadow about ``f + p`` across and ``(p / f)**2`` deep, so big shadows are
-faint and deep shadows are small (a 40 px shadow 50 % deep would need a
-particle ~17 px = 60 um across, rare on a window; a sunspot umbra is that).
+~100+ px across, 1.5 % to ~60 % deep (more for big particles right on the
+sensor window), often with a faint bright rim. The physics ties depth to
+size: a particle ``p`` px across whose beam footprint is ``f`` px
+(``f = distance / f-ratio``) casts a shadow about ``f + p`` across and
+``(p / f)**2`` deep, so big shadows are faint and deep shadows are small (see
+:func:`plausible_depth`). Solar structure in the median is smooth-ish but has
+dark features that are *not* dust: sunspots, pores, filaments, dark texture,
+and the limb and sky.
 
 How
 ---
-1. **Disk**: pixels below ``sky_fraction`` of the bright disk level (smoothed)
-   are sky; they are replaced by the nearest disk value before any filtering
-   (so the limb does not bias the background) and detections on the sky or
-   within ``limb_margin_px`` of it are rejected.
+1. **Disk**: large regions darker than ``sky_fraction`` of the disk level are
+   sky; they are replaced by the nearest disk value before any filtering (so
+   the limb does not bias the background) and objects on the sky or within
+   ``limb_margin_px`` of it are rejected.
 2. **Multi-scale deficit**: for each Gaussian scale ``s`` in ``scales_px``
-   the image smoothed by ``s`` is compared with a background that is the
-   median over a window of ``background_factor * s`` px computed at reduced
-   resolution (so a blob much smaller than the window is ignored by it, at
-   every size, and the cost stays low): ``deficit_s = 1 - smooth_s / bg_s``.
-   Each deficit map is divided by its own robust local noise (1.4826 x MAD
-   in tiles), which includes the solar texture at that scale.
+   the image smoothed by ``s`` is compared with a median background over
+   ``background_factor * s`` px, computed on a block-reduced image (a blob
+   much smaller than the window does not pull it down, at every size, and the
+   cost stays low): ``deficit_s = 1 - smooth_s / background_s``. Each map is
+   divided by its own robust local noise (1.4826 x MAD in tiles), which
+   includes the solar texture at that scale.
 3. **Hysteresis**: seeds where some scale is ``seed_sigma`` significant and
-   at least ``min_seed_depth`` deep, grown over ``grow_sigma``.
+   ``min_seed_depth`` deep, grown over ``grow_sigma``.
 4. **Refinement**: the background inside each candidate (dilated) is
-   re-estimated by a harmonic fill from the pixels around it, which works for
-   blobs of any size; the object is the connected set of pixels at least
-   ``pixel_sigma`` significant against it (holes, e.g. donut centres, filled).
-5. **Rejection** of what is not dust: objects on the sky or limb, larger than
-   ``max_diameter_px``, elongated beyond ``max_elongation`` (filaments; a
-   thin dust fibre is kept while shorter than ``max_fibre_length_px``), and
-   objects deeper than physically plausible for their size (sunspots, see
-   :func:`plausible_depth`).
+   re-estimated by a harmonic fill from the pixels around it (works for blobs
+   of any size); an object is the connected set of pixels significant against
+   it, no shallower than ``rel_floor`` of its own peak, holes (donut centres)
+   filled. Touching shadows are split, one object per core (the part deeper
+   than a quarter of the peak).
+5. **Rejection** of what is not dust: sky/limb, too large, elongated (solar
+   filaments; a deep fibre shorter than ``max_fibre_length_px`` is kept), too
+   deep for its size (sunspot umbrae, :func:`plausible_depth`), a deep core in
+   a wide shallow skirt (umbra + penumbra), ragged faint patches (solar
+   structure), and tiny faint specks (noise, granulation).
+6. **Motion** (only with ``frames`` that move by ``motion_min_px`` rms or
+   more): each frame is registered on the reference, and every object is
+   tested for whether it moves with the Sun (:func:`_sun_coupling`). Pores,
+   small sunspots and dark texture look exactly like dust in one image; this
+   is what tells them apart, and it lets the detector seed at the lower
+   ``seed_sigma_frames``. The frames also give a map of what is fixed on the
+   sensor with the solar texture cancelled, which adds faint shadows hidden
+   in strong texture (see :meth:`ClassicalMasker._add_sensor_fixed`).
 
-The mask is the detection itself, not expanded: expansion and feathering
-belong to :mod:`aiflat_local.flat`.
+Without frames (a single image) pores cannot be told from dust: they stay in
+the mask. The mask is the detection itself, not expanded: expansion and
+feathering belong to :mod:`aiflat_local.flat`.
 """
 
 from __future__ import annotations
@@ -70,8 +83,9 @@ def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
         return img
     h, w = img.shape
     hp, wp = -(-h // f) * f, -(-w // f) * f
-    a = np.pad(img, ((0, hp - h), (0, wp - w)), mode="edge")
-    return a.reshape(hp // f, f, wp // f, f).mean(axis=(1, 3), dtype=np.float64).astype(np.float32)
+    a = img if (hp, wp) == (h, w) else np.pad(img, ((0, hp - h), (0, wp - w)), mode="edge")
+    a = a.astype(np.float32, copy=False).reshape(hp // f, f, wp // f, f)
+    return a.sum(axis=3).sum(axis=1) * np.float32(1.0 / (f * f))
 
 
 def _upsample(coarse: np.ndarray, f: int, shape: tuple[int, int]) -> np.ndarray:
@@ -94,13 +108,62 @@ def _upsample(coarse: np.ndarray, f: int, shape: tuple[int, int]) -> np.ndarray:
     return (rows[:, x0] * (1 - wx)[None, :] + rows[:, x1] * wx[None, :]).astype(np.float32)
 
 
+def _smooth(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing; from sigma 4 px on, computed on a block-reduced image (cheap)."""
+    if sigma < 4:
+        return ndimage.gaussian_filter(img, sigma)
+    f = int(sigma // 2)
+    coarse = ndimage.gaussian_filter(_block_mean(img, f), sigma / f)
+    return _upsample(coarse, f, img.shape)
+
+
+def _label_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """Per-label maximum of *values* (index 0 unused), by label bounding boxes (fast)."""
+    out = np.zeros(n + 1, np.float32)
+    for i, sl in enumerate(ndimage.find_objects(labels, max_label=n), start=1):
+        if sl is not None:
+            out[i] = values[sl][labels[sl] == i].max()
+    return out
+
+
+def _label_argmax(values: np.ndarray, labels: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """Per-label position of the maximum of *values* (labels 1..n)."""
+    out = []
+    for i, sl in enumerate(ndimage.find_objects(labels, max_label=n), start=1):
+        v = np.where(labels[sl] == i, values[sl], -np.inf)
+        y, x = np.unravel_index(int(np.argmax(v)), v.shape)
+        out.append((y + sl[0].start, x + sl[1].start))
+    return out
+
+
+def _nearest_label(labels: np.ndarray, within: np.ndarray) -> np.ndarray:
+    """For each pixel of *within*, the label of the nearest labelled pixel (0 elsewhere).
+
+    Computed per connected part of *within*, on its bounding box only.
+    """
+    out = np.zeros_like(labels)
+    comp, _ = ndimage.label(within, structure=_EIGHT)
+    for i, sl in enumerate(ndimage.find_objects(comp), start=1):
+        if sl is None:
+            continue
+        lab = labels[sl]
+        if not lab.any():
+            continue
+        idx = ndimage.distance_transform_edt(lab == 0, return_distances=False, return_indices=True)
+        sel = comp[sl] == i
+        out[sl][sel] = lab[idx[0], idx[1]][sel]
+    return out
+
+
 def _local_sigma(d: np.ndarray, tile: int, floor: float) -> np.ndarray:
     """Robust local noise (1.4826 x MAD) of *d* in ``tile x tile`` tiles, smoothed, upsampled."""
     h, w = d.shape
     tile = max(8, min(tile, max(h, w)))
     th, tw = -(-h // tile), -(-w // tile)
     a = np.pad(d, ((0, th * tile - h), (0, tw * tile - w)), mode="reflect")
-    blocks = a.reshape(th, tile, tw, tile).transpose(0, 2, 1, 3).reshape(th, tw, -1)
+    step = 2 if tile >= 32 else 1  # every other pixel each way: plenty for a robust scale
+    blocks = a.reshape(th, tile, tw, tile)[:, ::step, :, ::step]
+    blocks = blocks.transpose(0, 2, 1, 3).reshape(th, tw, -1)
     med = np.median(blocks, axis=2)
     mad = np.median(np.abs(blocks - med[..., None]), axis=2) * _MAD
     if min(th, tw) >= 3:
@@ -134,59 +197,97 @@ def plausible_depth(diameter_px: float, max_particle_px: float, max_depth: float
 
 
 # --------------------------------------------------------------------------- the masker
-@MASKERS.register("classical", "multi-scale deficit detector with physical dust checks (no weights)")
+@MASKERS.register("classical",
+                  "multi-scale deficit detector with physical and motion checks (no weights)")
 @dataclass
 class ClassicalMasker:
     """Deterministic dust masker (see the module documentation for the method).
 
+    All parameters are keyword arguments with the defaults below; every one is
+    recorded in ``MaskResult.params``. Depths are fractions (0.1 = 10 %),
+    sizes in pixels.
+
     Parameters
     ----------
     scales_px : tuple of float
-        Gaussian smoothing scales (px) of the multi-scale detection; a scale
-        ``s`` is most sensitive to shadows about ``3 s`` across.
+        Gaussian smoothing scales of the multi-scale detection; a scale ``s``
+        is most sensitive to shadows about ``3 s`` across.
     background_factor : float
-        Background median window = ``background_factor * s`` px at scale ``s``.
-    seed_sigma, grow_sigma : float
-        Hysteresis thresholds, in units of the local noise at each scale.
+        Background median window = ``background_factor * s`` at scale ``s``.
+    seed_sigma : float
+        Seed threshold, in units of the local noise at each scale (single image,
+        or frames without usable motion).
+    seed_sigma_frames : float
+        Seed threshold when the motion check runs (it removes the extra
+        false detections a lower threshold lets in).
+    grow_sigma : float
+        Hysteresis growth threshold (local noise units).
     min_seed_depth : float
-        A seed must also be at least this deep (fraction, 0.01 = 1 %).
+        A seed must also be at least this deep.
     pixel_sigma : float
-        Refinement threshold (local pixel noise units) against the harmonic
-        background.
-    min_pixel_depth : float
-        And every refined pixel at least this deep (fraction).
-    rel_floor : float
-        And at least this fraction of its object's peak depth (stops a deep
-        shadow from growing into the surrounding texture).
+        Refinement threshold (local noise units) against the harmonic background.
+    min_pixel_depth, rel_floor : float
+        And every object pixel at least this deep, and at least ``rel_floor``
+        of its object's peak (stops a deep shadow growing into the texture).
     min_area_px : int
-        Smaller objects are dropped (hot/cold pixels, noise).
+        Smaller objects are dropped.
     speck_diameter_px, speck_min_depth : float
-        Objects smaller than this (equivalent diameter, px) and shallower than
-        this (fraction) are dropped: a shadow that small comes from dust
-        close to the sensor, which is deep; a tiny faint dip is noise or
-        granulation.
+        Objects smaller than ``speck_diameter_px`` and shallower than
+        ``speck_min_depth`` are dropped: a shadow that small comes from dust
+        close to the sensor, which is deep; a tiny faint dip is noise.
     max_diameter_px : float
         Objects with a larger equivalent diameter are not dust.
-    max_elongation : float
-        Major/minor axis ratio beyond which an object longer than
-        ``max_fibre_length_px`` is a solar filament, not dust.
-    max_fibre_length_px : float
-        See *max_elongation*.
-    max_particle_px : float
-        Largest dust particle assumed (px); sets :func:`plausible_depth`.
-    max_dust_depth : float
-        No dust shadow is deeper than this (fraction).
+    max_elongation, fibre_min_depth, max_fibre_length_px : float
+        Objects whose core is more elongated than ``max_elongation`` (major /
+        minor axis) are filaments or texture, unless at least
+        ``fibre_min_depth`` deep and at most ``max_fibre_length_px`` long (a
+        dust fibre).
+    max_particle_px, max_dust_depth : float
+        Largest particle assumed and deepest shadow allowed: an object deeper
+        than :func:`plausible_depth` of its core diameter is a sunspot umbra.
+    umbra_min_depth, min_core_share, umbra_max_elongation : float
+        An object at least ``umbra_min_depth`` deep whose half-peak core is
+        less than ``min_core_share`` of its clearly dark part (and that is
+        round: elongation up to ``umbra_max_elongation``) is an umbra in its
+        penumbra.
+    min_solidity, min_roundness, ragged_min_diameter_px : float
+        Objects shallower than ``fibre_min_depth`` with a solidity (area /
+        convex hull) below ``min_solidity``, or at least
+        ``ragged_min_diameter_px`` across with a roundness (4 pi A / P**2,
+        about 0.78 for a digital disk) below ``min_roundness``, are solar
+        structure (dust shadows are round or donuts).
     sky_fraction : float
-        Pixels darker than this fraction of the disk level are sky.
+        Large regions darker than this fraction of the disk level are sky.
     limb_margin_px : int
         Objects within this distance of the sky are rejected.
     refine_margin_px : int
-        Candidates are dilated by this much before the harmonic background fill.
+        Candidates are dilated by this much (plus their detection scale) for
+        the harmonic background fill.
+    motion_frames : int
+        Frames read (evenly spaced) for the motion steps; 0 disables them.
+    max_reported_rejections : int
+        At most this many rejected objects are listed in
+        ``params["rejected_objects"]``.
+    motion_min_px : float
+        Below this rms Sun motion (px) the frames cannot tell dust from the Sun
+        and the motion steps are skipped (said in ``params["motion"]``).
+    max_sun_coupling : float
+        Objects whose structure follows the Sun's motion more than this (both
+        coefficients of :func:`_sun_coupling`; 0 = fixed on the sensor, 1 =
+        moves with the Sun) are solar features.
+    fixed_map_binning : int
+        Binning of the sensor-fixed map built from the frames; 0 disables it.
+    fixed_seed_sigma : float
+        Detection threshold (local noise units) on that map.
+    fixed_min_ref_sigma : float
+        A shadow found only on that map must also dip in the reference by at
+        least this many noise units on average (its texture residues do not).
     """
 
     scales_px: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
     background_factor: float = 12.0
-    seed_sigma: float = 6.0
+    seed_sigma: float = 5.0
+    seed_sigma_frames: float = 4.0
     grow_sigma: float = 3.0
     min_seed_depth: float = 0.01
     pixel_sigma: float = 3.0
@@ -200,13 +301,23 @@ class ClassicalMasker:
     fibre_min_depth: float = 0.15
     max_fibre_length_px: float = 80.0
     max_particle_px: float = 12.0
-    max_dust_depth: float = 0.75
+    max_dust_depth: float = 0.95
+    umbra_min_depth: float = 0.3
+    min_core_share: float = 0.3
+    umbra_max_elongation: float = 1.8
+    min_solidity: float = 0.7
+    min_roundness: float = 0.3
+    ragged_min_diameter_px: float = 20.0
     sky_fraction: float = 0.15
     limb_margin_px: int = 6
     refine_margin_px: int = 3
     motion_frames: int = 24
+    max_reported_rejections: int = 200
     motion_min_px: float = 1.0
     max_sun_coupling: float = 0.9
+    fixed_map_binning: int = 2
+    fixed_seed_sigma: float = 6.0
+    fixed_min_ref_sigma: float = 0.0
 
     name = "classical"
 
@@ -225,45 +336,76 @@ class ClassicalMasker:
             ``(H, W)`` temporal median (or single image), arbitrary linear units,
             sensor orientation.
         frames : optional
-            Ignored (this masker uses the reference only).
+            The video's frames: a :class:`~aiflat_local.io.ser.SerReader` (or
+            anything with ``n_frames`` and ``frame(i)``), or an array / list of
+            ``(H, W)`` frames in the same orientation as *reference*. Used, when
+            the Sun moves enough, to tell solar features from dust and to
+            find faint shadows hidden in texture (module documentation, step 6).
 
         Returns
         -------
         MaskResult
-            ``mask`` float32 0/1; ``objects`` with ``label``, ``y``, ``x``
-            (centroid, px), ``area``, ``diameter`` (equivalent, px), ``depth``
-            (peak fractional deficit), ``significance``, ``elongation``;
-            ``params`` with every parameter, counts of rejected candidates per
-            reason and the run time.
+            ``mask`` float32 0/1 (1 = dust). ``objects``: one record per kept
+            object: ``label``, ``y``, ``x`` (centroid, px), ``area`` (px),
+            ``diameter`` (equivalent, px), ``depth`` (peak fractional
+            deficit), and for objects of the image detector ``core_diameter``,
+            ``significance``, ``elongation``, ``profile``, ``solidity``,
+            ``roundness``, ``bbox`` and, with frames, ``sun_coupling``;
+            objects found only on the sensor-fixed map have ``source:
+            "motion"``. ``params``: every parameter, ``rejected`` (count per
+            reason), ``rejected_objects`` (what was dropped and why),
+            ``motion`` (registration facts or why it was skipped) and
+            ``seconds``.
+
+        Raises
+        ------
+        InputError
+            Not a 2-D image, smaller than 8 px, or no finite pixel.
         """
         t0 = time.perf_counter()
         img = self._prepare(reference)
         h, w = img.shape
         params = self.params()
-        empty = MaskResult(np.zeros((h, w), np.float32), params, [])
         level = float(np.percentile(img, 99))
         if not np.isfinite(level) or level <= 0:
-            params.update(n_objects=0, seconds=time.perf_counter() - t0, note="no signal")
-            return empty
+            params.update(motion={"usable": False, "note": "no signal"}, n_objects=0, rejected={},
+                          rejected_objects=[], note="no signal: the image is not positive",
+                          seconds=round(time.perf_counter() - t0, 3))
+            return MaskResult(np.zeros((h, w), np.float32), params, [])
 
-        sky = self._sky(img, level)
+        sky = self._sky(img)
         work = self._fill_sky(img, sky)
         ms = self._multiscale(work)
-        seeds = (ms["z"] > self.seed_sigma) & (ms["d"] > self.min_seed_depth) & ~sky
+        motion: dict[str, Any] = {"usable": False, "note": "no frames given"}
+        reg = None
+        if frames is not None and self.motion_frames > 0:
+            strong = ndimage.binary_dilation(ms["z"] > self.seed_sigma, iterations=3)
+            reg = self._register(work, strong, frames)
+            motion = reg["info"]
+        use_motion = bool(motion.get("usable"))
+        seed_sigma = self.seed_sigma_frames if use_motion else self.seed_sigma
+        seeds = (ms["z"] > seed_sigma) & (ms["d"] > self.min_seed_depth) & ~sky
         grow = (ms["z"] > self.grow_sigma) & ~sky
         cand = _hysteresis(seeds, grow)
         rejected: dict[str, int] = {}
-        motion: dict[str, Any] = {"used": False}
+        dropped: list[dict[str, Any]] = []
+        mask, objects = np.zeros((h, w), bool), []
+        refused = np.zeros((h, w), bool)
         if cand.any():
-            mask, objects, labels, cores, bg = self._refine(work, cand, seeds, ms, sky, rejected)
-            if frames is not None and self.motion_frames > 0 and objects:
-                mask, objects, motion = self._motion_check(work, labels, cores, objects, frames,
-                                                           rejected)
-            for ob in objects:
-                ob.pop("_lab", None)
-        else:
-            mask, objects = np.zeros((h, w), bool), []
+            mask, objects, labels, cores, refused = self._refine(work, cand, seeds, ms, sky,
+                                                                 rejected, dropped)
+            if use_motion and objects:
+                mask, objects, moved = self._motion_check(labels, cores, objects, reg, rejected,
+                                                          dropped)
+                refused |= moved
+        if use_motion and self.fixed_map_binning > 0:
+            mask, objects = self._add_sensor_fixed(mask, objects, refused, sky, reg, motion, ms)
+        for k, ob in enumerate(objects, start=1):
+            ob["label"] = k
+            ob.pop("_lab", None)
+        motion["seed_sigma_used"] = seed_sigma
         params.update(motion=motion, n_objects=len(objects), rejected=rejected,
+                      rejected_objects=dropped[: self.max_reported_rejections],
                       sky_fraction_of_image=float(sky.mean()),
                       seconds=round(time.perf_counter() - t0, 3))
         return MaskResult(mask.astype(np.float32), params, objects)
@@ -284,18 +426,30 @@ class ClassicalMasker:
             img[bad] = np.median(img[~bad])
         return img
 
-    def _sky(self, img: np.ndarray, level: float) -> np.ndarray:
-        """Sky (off-disk) pixels, from a smoothed image, grown by the limb margin."""
+    def _sky(self, img: np.ndarray) -> np.ndarray:
+        """Sky (off-disk) pixels, grown by the limb margin.
+
+        Sky is darker than ``sky_fraction`` of the disk level (the 90th
+        percentile of a smoothed, reduced image) *and* part of a large region
+        (at least 1 % of the image): an opaque dust shadow is dark too, but small.
+        """
         f = max(1, min(img.shape) // 128)
         coarse = ndimage.gaussian_filter(_block_mean(img, f), 1.0)
-        disk_level = float(np.percentile(coarse, 90))
-        sky_c = coarse < self.sky_fraction * disk_level
-        if not sky_c.any():
+        threshold = self.sky_fraction * float(np.percentile(coarse, 90))
+        lab, n = ndimage.label(coarse < threshold)
+        if n == 0:
             return np.zeros(img.shape, bool)
-        sky = _upsample(sky_c.astype(np.float32), f, img.shape) > 0.5
-        sky |= ndimage.gaussian_filter(img, 1.0) < self.sky_fraction * disk_level
-        return ndimage.binary_dilation(sky, iterations=max(int(self.limb_margin_px), 0)) \
-            if self.limb_margin_px > 0 else sky
+        areas = np.bincount(lab.ravel())
+        big = areas >= max(16, 0.01 * coarse.size)
+        big[0] = False
+        if not big[1:].any():
+            return np.zeros(img.shape, bool)
+        sky_c = ndimage.binary_dilation(big[lab], iterations=1)
+        near = _upsample(sky_c.astype(np.float32), f, img.shape) > 0.01
+        sky = near & (ndimage.gaussian_filter(img, 1.0) < threshold)
+        if self.limb_margin_px > 0:
+            sky = ndimage.binary_dilation(sky, iterations=int(self.limb_margin_px))
+        return sky
 
     @staticmethod
     def _fill_sky(img: np.ndarray, sky: np.ndarray) -> np.ndarray:
@@ -309,37 +463,38 @@ class ClassicalMasker:
         """Per-scale significance, maximised over scales.
 
         Returns ``z`` (max significance), ``d`` (the deficit at that scale),
-        ``k`` (index of that scale, int8) and ``sigmas`` (the per-scale local
-        noise maps, stacked, float32).
+        ``k`` (index of that scale, int8), ``dk`` and ``sigmas`` (the per-scale
+        deficit and local noise maps, stacked, float32).
         """
         zmax = np.full(img.shape, -np.inf, np.float32)
         dmax = np.zeros(img.shape, np.float32)
         kmax = np.zeros(img.shape, np.int8)
-        sigmas = []
+        sigmas, dks = [], []
         for k, s in enumerate(self.scales_px):
             window = self.background_factor * s
-            f = max(2, int(round(window / 7)))  # median over ~7 x 7 coarse pixels: cheap
+            f = max(2, int(round(window / 5)))  # median over ~5 x 5 coarse pixels: cheap
             bg = ndimage.median_filter(_block_mean(img, f), size=_odd(window / f), mode="reflect")
             bg = _upsample(bg, f, img.shape)
-            smooth = ndimage.gaussian_filter(img, s, mode="reflect") if s > 0 else img
+            smooth = _smooth(img, s) if s > 0 else img
             d = 1.0 - smooth / np.maximum(bg, 1e-12)
             sigma = _local_sigma(d, tile=max(64, int(8 * s)), floor=1e-4)
             sigmas.append(sigma)
+            dks.append(d)
             z = d / sigma
             better = z > zmax
             zmax[better] = z[better]
             dmax[better] = d[better]
             kmax[better] = k
-        return {"z": zmax, "d": dmax, "k": kmax, "sigmas": np.stack(sigmas)}
+        return {"z": zmax, "d": dmax, "k": kmax, "sigmas": np.stack(sigmas), "dk": np.stack(dks)}
 
-    def _refine(self, img, cand, seeds, ms, sky, rejected):
+    def _refine(self, img, cand, seeds, ms, sky, rejected, dropped):
         """Harmonic background around each candidate, final objects, physical checks."""
         h, w = img.shape
         scales = np.asarray(self.scales_px, dtype=np.float64)
         labels_c, n_c = ndimage.label(cand, structure=_EIGHT)
         # scale of each candidate: the scale of its most significant seed pixel
         zs = np.where(seeds, ms["z"], -np.inf)
-        best = ndimage.maximum_position(zs, labels_c, index=np.arange(1, n_c + 1))
+        best = _label_argmax(zs, labels_c, n_c)
         k_c = np.array([ms["k"][p] for p in best], dtype=np.int64)
         region = np.zeros((h, w), bool)
         for k in np.unique(k_c):
@@ -351,18 +506,20 @@ class ClassicalMasker:
         region &= ~sky
         if region.all() or not region.any():
             zero = np.zeros((h, w), np.int32)
-            return np.zeros((h, w), bool), [], zero, zero, img
+            return np.zeros((h, w), bool), [], zero, zero, np.zeros((h, w), bool)
         smooth1 = ndimage.gaussian_filter(img, 1.0)
-        bg = HarmonicInpainter()(smooth1, region).image
+        # the background is smooth: fill it at half resolution (4x fewer unknowns)
+        coarse_region = _block_mean(region.astype(np.float32), 2) > 0
+        if coarse_region.all():
+            coarse_region[0, 0] = False
+        bg_c = HarmonicInpainter()(_block_mean(smooth1, 2), coarse_region).image
+        bg = np.where(region, _upsample(bg_c, 2, (h, w)), smooth1)
         d_raw = np.where(region, 1.0 - img / np.maximum(bg, 1e-12), 0.0).astype(np.float32)
         # A pixel belongs to an object when it is significant at some scale up
         # to the object's detection scale, and still dips at the finest scale
         # (so a blurred deep shadow does not spill over its neighbours), by at
         # least rel_floor of its nearest candidate's peak.
-        owner_idx = ndimage.distance_transform_edt(labels_c == 0, return_distances=False,
-                                                   return_indices=True)
-        owner = labels_c[owner_idx[0], owner_idx[1]]
-        del owner_idx
+        owner = _nearest_label(labels_c, region)
         k_map = np.zeros(n_c + 1, np.int64)
         k_map[1:] = k_c
         k_owner = k_map[owner]
@@ -370,88 +527,185 @@ class ClassicalMasker:
         d1 = ndimage.gaussian_filter(d_raw, 1.0)
         significant = region & (d1 > self.pixel_sigma * n1)
         for k in range(1, int(k_c.max()) + 1):
-            dk = ndimage.gaussian_filter(d_raw, scales[k] / 2.0)
+            dk = _smooth(d_raw, scales[k] / 2.0)
             nk = ms["sigmas"][int(np.argmin(np.abs(scales - scales[k] / 2.0)))]
             significant |= region & (k_owner >= k) & (dk > self.pixel_sigma * nk)
-        peak = np.zeros(n_c + 1, np.float32)
-        peak[1:] = ndimage.maximum(d1, labels_c, index=np.arange(1, n_c + 1))
+        peak = _label_max(d1, labels_c, n_c)
         floor = np.maximum(np.maximum(self.rel_floor * peak[owner], self.min_pixel_depth), n1)
         strong = significant & (d1 > floor)
         obj = _hysteresis(strong & seeds, strong)
         obj = ndimage.binary_fill_holes(obj)
         dsm, nsig = d1, n1
-        mask, objects, labels, cores = self._select(obj, d_raw, dsm, nsig, sky, rejected)
-        return mask, objects, labels, cores, bg
+        mask, objects, labels, cores, refused = self._select(obj, d_raw, dsm, nsig, sky, rejected,
+                                                             dropped)
+        return mask, objects, labels, cores, refused
 
-    def _motion_check(self, img, labels, cores, objects, frames, rejected):
-        """Drop objects that move with the Sun rather than staying on the sensor.
+    def _register(self, img: np.ndarray, exclude: np.ndarray, frames: Any) -> dict[str, Any]:
+        """Sun offset of up to ``motion_frames`` frames relative to the reference.
 
-        From up to ``motion_frames`` frames: register each to the reference
-        (band-pass cross-correlation, sub-pixel, detections excluded), then for each object
-        rebuild, from the frames around it, the Sun alone: the median of the
-        frames aligned on the Sun (dust smeared out), shifted back by each
-        frame's offset and medianed again (the Sun as the reference shows
-        it). Their ratio keeps what is fixed to the sensor. ``ratio`` is the
-        share of the object's deficit that survives; below
-        ``motion_min_ratio`` the object is a solar feature (pore, sunspot,
-        dark texture). Skipped when the frames barely move
-        (``motion_min_px``), which is then stated in ``params["motion"]``.
+        Band-pass cross-correlation on the central 512 x 512 px (sub-pixel,
+        *exclude* zeroed: the strongest dark spots, so dust does not pull the
+        estimate towards zero). Returns ``{"indices", "shifts" (n, 2),
+        "scales" (per-frame brightness factor to the reference), "get",
+        "info"}``; ``info["usable"]`` says whether the motion is large enough
+        (``motion_min_px`` rms) to tell dust from the Sun.
         """
-        mask = labels > 0
         n_total, get = _frame_source(frames)
-        info: dict[str, Any] = {"used": False, "n_frames_read": 0}
+        info: dict[str, Any] = {"usable": False, "n_frames_read": 0}
+        out = {"info": info, "get": get}
         if n_total < 3:
             info["note"] = "fewer than 3 frames"
-            return mask, objects, info
-        idx = np.unique(np.linspace(0, n_total - 1, min(n_total, int(self.motion_frames))).round().astype(int))
+            return out
+        idx = np.unique(np.linspace(0, n_total - 1, min(n_total, int(self.motion_frames)))
+                        .round().astype(int))
         h, w = img.shape
         ch, cw = min(h, 512), min(w, 512)
         y0, x0 = (h - ch) // 2, (w - cw) // 2
         crop = (slice(y0, y0 + ch), slice(x0, x0 + cw))
-        exclude = ndimage.binary_dilation(mask, iterations=4)[crop]
-        ref_f = np.fft.rfft2(_bandpass(img[crop], exclude))
+        ref_f = np.fft.rfft2(_bandpass(img[crop], exclude[crop]))
         max_shift = max(2, min(ch, cw) // 4)
-        pad = 4
-        boxes = [ob["bbox"] for ob in objects]
-        frames_kept, shifts, scales = [], [], []
+        level = max(float(np.median(img[crop])), 1e-12)
+        shifts, scales, binned = [], [], []
+        fb = int(self.fixed_map_binning)
         for i in idx:
             f = get(int(i))
             if f.shape != img.shape:
                 info["note"] = f"frame shape {f.shape} differs from the reference {img.shape}"
-                return mask, objects, info
-            dy, dx = _xcorr_shift(ref_f, _bandpass(f[crop], exclude), max_shift)
-            scale = float(np.median(img[crop]) / max(float(np.median(f[crop])), 1e-12))
-            shifts.append((dy, dx))
-            scales.append(scale)
-            frames_kept.append(f)
+                return out
+            shifts.append(_xcorr_shift(ref_f, _bandpass(f[crop], exclude[crop]), max_shift))
+            scales.append(level / max(float(np.median(f[crop])), 1e-12))
+            if fb > 0:
+                binned.append(_block_mean(f, fb) * np.float32(scales[-1]))
         shifts = np.array(shifts)
         shifts -= np.median(shifts, axis=0)
         spread = float(np.sqrt((shifts ** 2).sum(axis=1).mean()))
-        info.update(n_frames_read=len(idx), shift_rms_px=round(spread, 3))
+        info.update(n_frames_read=int(idx.size), shift_rms_px=round(spread, 3))
         if spread < self.motion_min_px:
-            info["note"] = f"too little motion ({spread:.2f} px rms) to tell dust from solar features"
-            return mask, objects, info
-        reach = int(math.ceil(2 * np.abs(shifts).max())) + pad
+            info["note"] = (f"too little motion ({spread:.2f} px rms) to tell dust from "
+                            "solar features")
+        else:
+            info["usable"] = True
+        out.update(indices=idx, shifts=shifts, scales=np.array(scales),
+                   binned=np.stack(binned) if binned and info["usable"] else None)
+        return out
+
+    def _motion_check(self, labels, cores, objects, reg, rejected, dropped):
+        """Drop objects that move with the Sun instead of staying on the sensor.
+
+        For each object, the frames around it (re-read one at a time) are
+        compared with their median: had the object moved with the Sun, frame
+        ``i`` would differ from the median by the median shifted by the frame's
+        Sun offset, minus the median. :func:`_sun_coupling` measures how much of
+        that prediction the frames follow (1 = moves with the Sun, 0 = fixed on
+        the sensor); above ``max_sun_coupling`` the object is a solar feature
+        (pore, sunspot, dark texture) and is dropped. Pores and sunspots look
+        exactly like dust in one image: this is what tells them apart.
+        """
+        h, w = labels.shape
+        shifts, scales, get = reg["shifts"], reg["scales"], reg["get"]
+        reach = int(math.ceil(np.abs(shifts).max())) + 5
+        boxes = []
+        for ob in objects:
+            by0, bx0, by1, bx1 = ob["bbox"]
+            boxes.append((max(by0 - reach, 0), min(by1 + reach, h),
+                          max(bx0 - reach, 0), min(bx1 + reach, w)))
+        patches: list[list[np.ndarray]] = [[] for _ in objects]
+        for i, scale in zip(reg["indices"], scales):
+            f = get(int(i))
+            for k, (ya, yb, xa, xb) in enumerate(boxes):
+                patches[k].append(f[ya:yb, xa:xb] * np.float32(scale))
+        keep = np.zeros(int(labels.max()) + 1, bool)
         kept_objects = []
-        keep = np.zeros(labels.max() + 1, bool)
-        for ob, (by0, bx0, by1, bx1) in zip(objects, boxes):
-            ya, yb = max(by0 - reach, 0), min(by1 + reach, h)
-            xa, xb = max(bx0 - reach, 0), min(bx1 + reach, w)
-            stack = np.stack([f[ya:yb, xa:xb] * s for f, s in zip(frames_kept, scales)])
-            ref_p = np.median(stack, axis=0)
+        for ob, (ya, yb, xa, xb), stack in zip(objects, boxes, patches):
+            stack = np.stack(stack)
             support = ndimage.binary_dilation(cores[ya:yb, xa:xb] == ob["_lab"], iterations=3)
-            coupling = _sun_coupling(stack, ref_p, shifts, support,
+            coupling = _sun_coupling(stack, np.median(stack, axis=0), shifts, support,
                                      max(1.0, 0.15 * float(ob["diameter"])))
             ob["sun_coupling"] = [round(c, 3) for c in coupling]
             if min(coupling) > self.max_sun_coupling:
                 rejected["moves_with_sun"] = rejected.get("moves_with_sun", 0) + 1
+                dropped.append({"reason": "moves_with_sun", "y": ob["y"], "x": ob["x"],
+                                "diameter": ob["diameter"], "depth": ob["depth"],
+                                "sun_coupling": ob["sun_coupling"]})
                 continue
             keep[ob["_lab"]] = True
             kept_objects.append(ob)
-        for k, ob in enumerate(kept_objects, start=1):
-            ob["label"] = k
-        info.update(used=True, n_tested=len(objects), n_rejected=len(objects) - len(kept_objects))
-        return keep[labels], kept_objects, info
+        kept = keep[labels]
+        return kept, kept_objects, (labels > 0) & ~kept
+
+    def _add_sensor_fixed(self, mask, objects, refused, sky, reg, motion, ms):
+        """Add the shadows that only the motion reveals (faint ones on strong texture).
+
+        The Sun alone is rebuilt from the frames, binned by ``fixed_map_binning``:
+        the median of the frames aligned on the Sun (dust smeared out), shifted
+        back by every frame's offset and medianed again (the Sun exactly as the
+        median of the frames shows it). The median of the unaligned frames over
+        that is the sensor's own pattern: the solar texture cancels, dust stays
+        (whole for shadows smaller than the motion, their edges for larger ones;
+        holes are filled). Significant dips of that map, at ``fixed_seed_sigma``,
+        are added to the mask unless they touch an object already refused
+        (the Sun's own dark features leave a faint trace there too).
+        """
+        h, w = mask.shape
+        f = int(self.fixed_map_binning)
+        shifts = reg["shifts"] / f
+        stack = reg["binned"]
+        moved = np.empty_like(stack)
+        for k, (dy, dx) in enumerate(shifts):
+            moved[k] = ndimage.shift(stack[k], (-dy, -dx), order=1, mode="nearest")
+        sun = np.median(moved, axis=0)
+        for k, (dy, dx) in enumerate(shifts):
+            moved[k] = ndimage.shift(sun, (dy, dx), order=1, mode="nearest")
+        sun_at_ref = np.median(moved, axis=0)
+        del moved
+        ref = np.median(stack, axis=0)
+        deficit = 1.0 - ref / np.maximum(sun_at_ref, 1e-12)
+        edge = int(math.ceil(np.abs(shifts).max())) + 2
+        valid = np.zeros(deficit.shape, bool)
+        valid[edge:-edge or None, edge:-edge or None] = True
+        valid &= ~(_block_mean(sky.astype(np.float32), f) > 0)
+        deficit = np.where(valid, deficit, 0.0).astype(np.float32)
+        zmax = np.full(deficit.shape, -np.inf, np.float32)
+        for sigma in (1.0, 2.0):
+            d = ndimage.gaussian_filter(deficit, sigma)
+            zmax = np.maximum(zmax, d / _local_sigma(d, 64, 1e-5))
+        found = _hysteresis((zmax > self.fixed_seed_sigma) & valid,
+                            (zmax > self.grow_sigma) & valid)
+        found = ndimage.binary_fill_holes(found)
+        full = np.repeat(np.repeat(found, f, axis=0), f, axis=1)[:h, :w]
+        lab, n = ndimage.label(full, structure=_EIGHT)
+        blocked = ndimage.binary_dilation(refused, iterations=2) if refused.any() else refused
+        dep = _upsample(deficit, f, (h, w))
+        scales = np.asarray(self.scales_px, dtype=np.float64)
+        added = 0
+        for i, sl in enumerate(ndimage.find_objects(lab), start=1):
+            if sl is None:
+                continue
+            m = lab[sl] == i
+            area = int(m.sum())
+            if area < max(self.min_area_px, f * f * 4) or (blocked[sl] & m).any():
+                continue
+            # the reference itself must be darker there, on average, at the
+            # object's scale (texture residues of the motion map are not)
+            k = int(np.argmin(np.abs(np.log(scales / max(math.sqrt(area) / 3, 1.0)))))
+            z_ref = float(ms["dk"][k][sl][m].mean() / ms["sigmas"][k][sl][m].mean())
+            if z_ref < self.fixed_min_ref_sigma:
+                continue
+            new = m & ~mask[sl]
+            mask[sl] |= m
+            if (m & ~new).any():
+                continue  # grows an object already found
+            ys, xs = np.nonzero(m)
+            added += 1
+            objects.append({
+                "label": 0, "y": round(float(ys.mean() + sl[0].start), 2),
+                "x": round(float(xs.mean() + sl[1].start), 2), "area": area,
+                "diameter": round(2 * math.sqrt(area / math.pi), 2),
+                "depth": round(float(dep[sl][m].max()), 4), "source": "motion",
+                "bbox": [int(sl[0].start), int(sl[1].start), int(sl[0].stop), int(sl[1].stop)],
+            })
+        motion["n_added_from_motion"] = added
+        return mask, objects
 
     def _split(self, obj: np.ndarray, d1: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """Split touching shadows: one object per core (part deeper than a quarter of its peak).
@@ -463,14 +717,23 @@ class ClassicalMasker:
         parents, n_p = ndimage.label(obj, structure=_EIGHT)
         if n_p == 0:
             return parents, parents, 0
-        peak = np.zeros(n_p + 1, np.float32)
-        peak[1:] = ndimage.maximum(d1, parents, index=np.arange(1, n_p + 1))
-        cores, n = ndimage.label(obj & (d1 >= 0.25 * peak[parents]), structure=_EIGHT)
-        idx = ndimage.distance_transform_edt(cores == 0, return_distances=False, return_indices=True)
-        labels = np.where(obj, cores[idx[0], idx[1]], 0)
-        return labels, cores, n
+        peak = _label_max(d1, parents, n_p)
+        core_mask = obj & (d1 >= 0.25 * peak[parents])
+        # only deep objects are split (a faint one's core is noisy: splitting
+        # it would only make fragments); a faint object keeps its parent label
+        deep = peak >= 0.1
+        split, n_split = ndimage.label(core_mask & deep[parents], structure=_EIGHT)
+        cores = np.where(core_mask & ~deep[parents], parents + n_split, split)
+        cores[~core_mask] = 0
+        labels = _nearest_label(cores, obj)
+        # relabel compactly (some faint parents' numbers are unused)
+        used = np.unique(labels[labels > 0])
+        lut = np.zeros(n_split + n_p + 1, np.int64)
+        lut[used] = np.arange(1, used.size + 1)
+        n = int(used.size)
+        return lut[labels], lut[cores], n
 
-    def _select(self, obj, d_raw, dsm, nsig, sky, rejected):
+    def _select(self, obj, d_raw, dsm, nsig, sky, rejected, dropped):
         """Measure each object and keep what is plausibly dust.
 
         Returns the kept mask, the object records, and the kept objects' label
@@ -496,6 +759,13 @@ class ClassicalMasker:
             cys, cxs = np.nonzero(cores[sl] == lab)
             core_diam = 2 * math.sqrt(max(cys.size, 1) / math.pi)
             major, minor, elong = _moments(cys, cxs)
+            # umbra/penumbra: share of the clearly dark part (>= 0.15, or a
+            # third of the peak) that is deeper than half the peak
+            dm = d1[sl][m]
+            dark_part = int(np.count_nonzero(dm >= min(0.15, depth / 3)))
+            profile = int(np.count_nonzero(dm >= 0.5 * depth)) / max(dark_part, 1)
+            solidity = _solidity(ys, xs)
+            roundness = _roundness(m)
             reason = None
             if area < self.min_area_px:
                 reason = "small"
@@ -510,8 +780,22 @@ class ClassicalMasker:
                 reason = "elongated"
             elif depth > plausible_depth(core_diam, self.max_particle_px, self.max_dust_depth):
                 reason = "too_dark"
+            elif depth >= self.umbra_min_depth and profile < self.min_core_share \
+                    and elong <= self.umbra_max_elongation:
+                reason = "umbra_penumbra"
+            elif depth < self.fibre_min_depth and (
+                    solidity < self.min_solidity
+                    or (diam >= self.ragged_min_diameter_px and roundness < self.min_roundness)):
+                reason = "irregular"
             if reason:
                 rejected[reason] = rejected.get(reason, 0) + 1
+                if reason not in ("small", "faint_speck"):
+                    dropped.append({"reason": reason, "y": round(float(ys.mean() + sl[0].start), 1),
+                                    "x": round(float(xs.mean() + sl[1].start), 1),
+                                    "diameter": round(diam, 1),
+                                    "core_diameter": round(core_diam, 1),
+                                    "depth": round(depth, 3), "elongation": round(elong, 2),
+                                    "profile": round(profile, 3), "solidity": round(solidity, 3)})
                 continue
             keep[lab] = True
             objects.append({
@@ -520,11 +804,14 @@ class ClassicalMasker:
                 "x": round(float(xs.mean() + sl[1].start), 2),
                 "area": area, "diameter": round(diam, 2), "core_diameter": round(core_diam, 2),
                 "depth": round(depth, 4), "significance": round(z, 2),
-                "elongation": round(elong, 2),
+                "elongation": round(elong, 2), "profile": round(profile, 3),
+                "solidity": round(solidity, 3), "roundness": round(roundness, 3),
                 "bbox": [int(sl[0].start), int(sl[1].start), int(sl[0].stop), int(sl[1].stop)],
             })
         kept = keep[labels]
-        return kept, objects, np.where(kept, labels, 0), np.where(keep[cores], cores, 0)
+        self_rejected = obj & ~kept
+        return (kept, objects, np.where(kept, labels, 0), np.where(keep[cores], cores, 0),
+                self_rejected)
 
 
 # --------------------------------------------------------------------------- motion
@@ -562,7 +849,7 @@ def _bandpass(img: np.ndarray, exclude: np.ndarray) -> np.ndarray:
     of the frames, which would pull a whitened correlation towards zero shift.
     """
     num = ndimage.gaussian_filter(img, 1.5)
-    den = ndimage.gaussian_filter(img, 8.0)
+    den = _smooth(img, 8.0)
     bp = np.clip(num / np.maximum(den, 1e-12) - 1.0, -0.5, 0.5)
     bp[exclude] = 0.0
     wy = np.hanning(img.shape[0])[:, None]
@@ -590,6 +877,22 @@ def _xcorr_shift(ref_f: np.ndarray, img_bp: np.ndarray, max_shift: int) -> tuple
     return py - max_shift + dy, px - max_shift + dx
 
 
+def _fourier_shifts(img: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """``img`` shifted by each ``(dy, dx)`` of *shifts* (sub-pixel, Fourier), stacked.
+
+    ``out[i][y, x] = img[y - dy_i, x - dx_i]``; the image is edge-padded by the
+    largest shift first so nothing wraps around into it.
+    """
+    pad = int(math.ceil(np.abs(shifts).max())) + 2
+    a = np.pad(img.astype(np.float64), pad, mode="edge")
+    spec = np.fft.rfft2(a)
+    ky = np.fft.fftfreq(a.shape[0])[None, :, None]
+    kx = np.fft.rfftfreq(a.shape[1])[None, None, :]
+    phase = np.exp(-2j * np.pi * (ky * shifts[:, 0, None, None] + kx * shifts[:, 1, None, None]))
+    out = np.fft.irfft2(spec[None] * phase, s=a.shape, axes=(1, 2))
+    return out[:, pad:pad + img.shape[0], pad:pad + img.shape[1]]
+
+
 def _sun_coupling(stack: np.ndarray, ref: np.ndarray, shifts: np.ndarray, support: np.ndarray,
                   smooth_px: float) -> tuple[float, float]:
     """How much of an object's structure moves with the Sun (1) or stays on the sensor (0).
@@ -604,29 +907,48 @@ def _sun_coupling(stack: np.ndarray, ref: np.ndarray, shifts: np.ndarray, suppor
     moving over a faint dust shadow from passing for the shadow moving.
     """
     smooth = ndimage.gaussian_filter(ref, smooth_px)
-    # cubic-spline coefficients once; each frame's shift then costs one pass
-    ref_c = ndimage.spline_filter(ref, order=3, mode="nearest")
-    smooth_c = ndimage.spline_filter(smooth, order=3, mode="nearest")
-    num = den = 0.0
-    gram = np.zeros((2, 2))
-    rhs = np.zeros(2)
-    for frame, (dy, dx) in zip(stack, shifts):
-        diff = (frame - ref)[support]
-        whole = (ndimage.shift(ref_c, (dy, dx), order=3, mode="nearest", prefilter=False)
-                 - ref)[support]
-        part = (ndimage.shift(smooth_c, (dy, dx), order=3, mode="nearest", prefilter=False)
-                - smooth)[support]
-        num += float(diff @ whole)
-        den += float(whole @ whole)
-        parts = np.stack([part, whole - part], axis=1)
-        gram += parts.T @ parts
-        rhs += parts.T @ diff
+    whole = _fourier_shifts(ref, shifts)[:, support] - ref[support]
+    part = _fourier_shifts(smooth, shifts)[:, support] - smooth[support]
+    diff = stack[:, support] - ref[support]
+    fine = whole - part
+    num = float((diff * whole).sum())
+    den = float((whole * whole).sum())
+    # 2 x 2 normal equations, element-wise (no BLAS threads on busy cores)
+    gram = np.array([[(part * part).sum(), (part * fine).sum()],
+                     [(part * fine).sum(), (fine * fine).sum()]], dtype=np.float64)
+    rhs = np.array([(part * diff).sum(), (fine * diff).sum()], dtype=np.float64)
     whole_c = num / max(den, 1e-12)
     try:
         shape_c = float(np.linalg.solve(gram + 1e-12 * np.eye(2), rhs)[0])
     except np.linalg.LinAlgError:
         shape_c = whole_c
     return float(whole_c), shape_c
+
+
+def _solidity(ys: np.ndarray, xs: np.ndarray) -> float:
+    """Area over convex-hull area of a pixel set (1 = convex; pixel squares, not centres)."""
+    if ys.size < 3:
+        return 1.0
+    from scipy.spatial import ConvexHull, QhullError
+
+    corners = np.concatenate([np.stack([ys + dy, xs + dx], axis=1)
+                              for dy in (-0.5, 0.5) for dx in (-0.5, 0.5)])
+    try:
+        hull = ConvexHull(corners)
+    except QhullError:
+        return 1.0
+    return float(min(1.0, ys.size / max(hull.volume, 1e-12)))
+
+
+def _roundness(m: np.ndarray) -> float:
+    """``4 pi area / perimeter**2`` of a mask, perimeter counted as pixel edges.
+
+    Edge counting over-estimates a smooth boundary by 4/pi, so a digital disk
+    scores about pi/4 = 0.785; a ragged outline scores much less.
+    """
+    a = np.pad(m, 1)
+    edges = (np.count_nonzero(a[1:, :] != a[:-1, :]) + np.count_nonzero(a[:, 1:] != a[:, :-1]))
+    return float(4 * math.pi * np.count_nonzero(m) / max(edges, 1) ** 2)
 
 
 def _hysteresis(seeds: np.ndarray, grow: np.ndarray) -> np.ndarray:
