@@ -90,7 +90,24 @@ class _Timer:
         return round(time.perf_counter() - self.t0, 3)
 
 
-def compute_mask(reference: np.ndarray, options: RunOptions, frames: Any = None):
+def build_backends(options: RunOptions) -> tuple[Any, Any]:
+    """Build the masker (None with a mask file) and the inpainter up front.
+
+    Learned backends check their weights when built, so a missing or corrupted
+    model is reported before any long computation starts.
+    """
+    from .inpaint import INPAINTERS
+    from .masks import MASKERS
+
+    masker = None
+    if not options.mask_path:
+        masker = MASKERS.create(options.masker, **backend_options(MASKERS, options.masker, options.masker_options, options))
+    inpainter = INPAINTERS.create(
+        options.inpainter, **backend_options(INPAINTERS, options.inpainter, options.inpainter_options, options))
+    return masker, inpainter
+
+
+def compute_mask(reference: np.ndarray, options: RunOptions, frames: Any = None, masker: Any = None):
     """Run the chosen masker (or read ``options.mask_path``) -> (bool mask, report dict)."""
     from .masks import MASKERS
 
@@ -102,7 +119,8 @@ def compute_mask(reference: np.ndarray, options: RunOptions, frames: Any = None)
                 f"{reference.shape[1]} x {reference.shape[0]}"
             )
         return mask, {"backend": "file", "params": {"path": str(options.mask_path)}, "objects": []}
-    masker = MASKERS.create(options.masker, **backend_options(MASKERS, options.masker, options.masker_options, options))
+    if masker is None:
+        masker = MASKERS.create(options.masker, **backend_options(MASKERS, options.masker, options.masker_options, options))
     result = masker(reference, frames=frames)
     return result.binary, {"backend": options.masker, "params": result.params, "objects": result.objects}
 
@@ -143,7 +161,8 @@ def check_mask(mask: np.ndarray, warnings: list[str]) -> None:
         warnings.append("no dust found: the flat is exactly 1.0 everywhere")
 
 
-def make_flat(reference: np.ndarray, mask: np.ndarray, options: RunOptions) -> tuple[FlatResult, np.ndarray, dict]:
+def make_flat(reference: np.ndarray, mask: np.ndarray, options: RunOptions,
+              inpainter: Any = None) -> tuple[FlatResult, np.ndarray, dict]:
     """Inpaint the soft mask's support and build the flat -> (flat result, inpainted, inpaint report)."""
     from .inpaint import INPAINTERS
 
@@ -151,8 +170,9 @@ def make_flat(reference: np.ndarray, mask: np.ndarray, options: RunOptions) -> t
     if region.all():
         raise InputError("the expanded dust mask covers the whole image: nothing to inpaint from")
     if region.any():
-        inpainter = INPAINTERS.create(
-            options.inpainter, **backend_options(INPAINTERS, options.inpainter, options.inpainter_options, options))
+        if inpainter is None:
+            inpainter = INPAINTERS.create(
+                options.inpainter, **backend_options(INPAINTERS, options.inpainter, options.inpainter_options, options))
         result = inpainter(reference, region)
         inpainted, info = result.image, {"backend": options.inpainter, "params": result.params}
         if result.spread is not None:
@@ -221,6 +241,8 @@ def run(input_path: str | os.PathLike, outdir: str | os.PathLike, options: RunOp
         "weights": {},
     }
 
+    with timer.step("load_backends"):
+        masker, inpainter = build_backends(options)
     reader = None
     try:
         with timer.step("reference"):
@@ -255,7 +277,7 @@ def run(input_path: str | os.PathLike, outdir: str | os.PathLike, options: RunOp
 
         log(f"mask: {options.masker if not options.mask_path else options.mask_path}")
         with timer.step("mask"):
-            mask, mask_info = compute_mask(reference, options, frames=reader)
+            mask, mask_info = compute_mask(reference, options, frames=reader, masker=masker)
             check_mask(mask, warnings)
         from scipy import ndimage
 
@@ -265,7 +287,7 @@ def run(input_path: str | os.PathLike, outdir: str | os.PathLike, options: RunOp
 
         log(f"inpaint + flat: {options.inpainter}")
         with timer.step("inpaint_and_flat"):
-            flat, inpainted, inpaint_info = make_flat(reference, mask, options)
+            flat, inpainted, inpaint_info = make_flat(reference, mask, options, inpainter=inpainter)
         report["inpaint"] = inpaint_info
         report["flat"] = flat.stats
 
