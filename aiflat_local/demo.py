@@ -19,12 +19,15 @@ def score_run(run_dir: Path, sim_dir: Path, min_depth: float = 0.10) -> dict[str
 
     Returns deep-dust object recall (dust deeper than *min_depth*), mask IoU
     with all true dust, dark-feature leakage, the flat's error in deep dust
-    (median and p90 of ``|flat / true_flat - 1|``, which is also the residual
-    dust contrast left after calibration), and the share of pixels exactly 1.0.
+    pixels (median and p90 of ``|flat / true_flat - 1|``, texture errors
+    included), the dust left after calibration object by object
+    (:func:`aiflat_local.metrics.dust_residual`: median and max over objects of
+    the residual shadow in each object's core, as a fraction of the clean
+    signal), and the share of pixels exactly 1.0.
     """
     import json
 
-    from .metrics import dark_feature_leakage, flat_error, pixel_iou, recall_by_depth
+    from .metrics import dark_feature_leakage, dust_residual, flat_error, pixel_iou, recall_by_depth
 
     truth = json.loads((sim_dir / "truth.json").read_text())
     true_flat, _ = read_image(sim_dir / "true_flat.fits")
@@ -36,6 +39,7 @@ def score_run(run_dir: Path, sim_dir: Path, min_depth: float = 0.10) -> dict[str
     depth = {int(o["label"]): float(o["depth"]) for o in truth["objects"]}
     deep = np.isin(labels, [k for k, d in depth.items() if d > min_depth])
     err = flat_error(flat, true_flat, deep)
+    residual = dust_residual(flat, true_flat, labels, depth, min_depth)
     return {
         "deep_dust_recall": recall_by_depth(mask, labels, depth, min_depth),
         "medium_dust_recall_3_10pct": recall_by_depth(mask, labels, {k: d for k, d in depth.items() if d <= min_depth}, 0.03),
@@ -43,6 +47,8 @@ def score_run(run_dir: Path, sim_dir: Path, min_depth: float = 0.10) -> dict[str
         "dark_feature_leakage": dark_feature_leakage(mask, dark, labels > 0),
         "deep_dust_flat_error_median": err["median"],
         "deep_dust_flat_error_p90": err["p90"],
+        "deep_dust_residual_median": residual["median_abs"],
+        "deep_dust_residual_max": residual["max_abs"],
         "fraction_flat_exactly_one": float(np.count_nonzero(flat == 1.0) / flat.size),
         "flat_exactly_one_outside_soft_mask": bool(
             np.all(flat[read_image(run_dir / "mask_soft.fits")[0] == 0] == 1.0)

@@ -58,7 +58,8 @@ def main(argv=None) -> int:
                     print(f"seed {seed} obstr {obstruction:.1f} {inpainter:10s} "
                           f"recall>10% {score['deep_dust_recall']:.3f}  recall3-10% {score['medium_dust_recall_3_10pct']:.3f}  "
                           f"leak {score['dark_feature_leakage']:.3f}  flat err med {100 * score['deep_dust_flat_error_median']:.2f}% "
-                          f"p90 {100 * score['deep_dust_flat_error_p90']:.2f}%  exact-1 {score['fraction_flat_exactly_one']:.3f}  "
+                          f"p90 {100 * score['deep_dust_flat_error_p90']:.2f}%  residual med {100 * score['deep_dust_residual_median']:.2f}% "
+                          f"max {100 * score['deep_dust_residual_max']:.2f}%  exact-1 {score['fraction_flat_exactly_one']:.3f}  "
                           f"{elapsed:.1f}s", flush=True)
 
     summary = {}
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
         summary[inpainter] = {
             k: float(np.mean([r[k] for r in sel]))
             for k in ("deep_dust_recall", "medium_dust_recall_3_10pct", "dark_feature_leakage",
-                      "deep_dust_flat_error_median", "deep_dust_flat_error_p90", "fraction_flat_exactly_one")
+                      "deep_dust_flat_error_median", "deep_dust_flat_error_p90", "deep_dust_residual_median",
+                      "deep_dust_residual_max", "fraction_flat_exactly_one")
         }
         summary[inpainter]["min_deep_dust_recall"] = float(min(r["deep_dust_recall"] for r in sel))
         summary[inpainter]["max_deep_dust_flat_error_median"] = float(max(r["deep_dust_flat_error_median"] for r in sel))
