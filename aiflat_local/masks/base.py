@@ -49,3 +49,25 @@ class Masker(Protocol):
 
 
 MASKERS: Registry[Masker] = Registry("masker")
+
+
+def prepare_reference(reference: np.ndarray, masker: str) -> np.ndarray:
+    """Validate a reference for a masker and return a float32 copy with non-finite pixels filled.
+
+    Raises :class:`~aiflat_local.errors.InputError` for a non-2-D or tiny image,
+    or one without a single finite pixel; NaN/Inf pixels take the median value.
+    """
+    from ..errors import InputError
+
+    img = np.asarray(reference)
+    if img.ndim != 2:
+        raise InputError(f"the {masker} masker needs a 2-D image, got shape {img.shape}")
+    if min(img.shape) < 8:
+        raise InputError(f"image too small for dust detection: {img.shape[1]} x {img.shape[0]}")
+    img = img.astype(np.float32, copy=True)
+    bad = ~np.isfinite(img)
+    if bad.all():
+        raise InputError("the image has no finite pixel")
+    if bad.any():
+        img[bad] = np.median(img[~bad])
+    return img

@@ -65,7 +65,7 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..inpaint.harmonic import HarmonicInpainter
-from .base import MASKERS, MaskResult
+from .base import MASKERS, MaskResult, prepare_reference
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 _MAD = 1.4826
@@ -413,18 +413,7 @@ class ClassicalMasker:
     # ------------------------------------------------------------------ steps
     @staticmethod
     def _prepare(reference: np.ndarray) -> np.ndarray:
-        img = np.asarray(reference)
-        if img.ndim != 2:
-            raise InputError(f"the classical masker needs a 2-D image, got shape {img.shape}")
-        if min(img.shape) < 8:
-            raise InputError(f"image too small for dust detection: {img.shape[1]} x {img.shape[0]}")
-        img = img.astype(np.float32, copy=True)
-        bad = ~np.isfinite(img)
-        if bad.all():
-            raise InputError("the image has no finite pixel")
-        if bad.any():
-            img[bad] = np.median(img[~bad])
-        return img
+        return prepare_reference(reference, "classical")
 
     def _sky(self, img: np.ndarray) -> np.ndarray:
         """Sky (off-disk) pixels, grown by the limb margin.

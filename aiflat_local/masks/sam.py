@@ -52,7 +52,7 @@ from ..errors import BackendError, InputError
 from ._sam_filter import FilterParams, ObjectMask, component, measure, merge, overlap, paint, reject_reason, tight
 from ._sam_prompts import TEXT_PROMPTS, Candidate, batches, box_prompts, candidates_from_mask, grid_points, point_prompts
 from ._sam_tiles import Window, assign_candidates, tile_grid, touches_inner_edge
-from .base import MASKERS, MaskResult
+from .base import MASKERS, MaskResult, prepare_reference
 
 PROMPT_MODES = ("points", "boxes", "text", "grid")
 
@@ -458,18 +458,7 @@ class _Run:
 
 
 def _prepare(reference: np.ndarray) -> np.ndarray:
-    img = np.asarray(reference)
-    if img.ndim != 2:
-        raise InputError(f"the sam masker needs a 2-D image, got shape {img.shape}")
-    if min(img.shape) < 8:
-        raise InputError(f"image too small for dust detection: {img.shape[1]} x {img.shape[0]}")
-    img = img.astype(np.float32, copy=True)
-    bad = ~np.isfinite(img)
-    if bad.all():
-        raise InputError("the image has no finite pixel")
-    if bad.any():
-        img[bad] = np.median(img[~bad])
-    return img
+    return prepare_reference(reference, "sam")
 
 
 def _describe(objects: list[ObjectMask]) -> list[dict[str, Any]]:
