@@ -83,6 +83,21 @@ def _laplacian(node: np.ndarray) -> tuple[sparse.csr_matrix, np.ndarray]:
     return lap, idx
 
 
+def _within_boundary_range(vals: np.ndarray, crop: np.ndarray, unknown: np.ndarray, valid: np.ndarray) -> bool:
+    """Is a fill within the range of its known surroundings, widened by that range on each side?
+
+    The surroundings are the known pixels within 3 px of the region (the
+    biharmonic stencil's reach). A fill may overshoot them (it continues
+    gradients) but not by more than their own spread.
+    """
+    ring = ndimage.binary_dilation(unknown, _EIGHT, iterations=3) & valid
+    if not ring.any() or not np.all(np.isfinite(vals)):
+        return bool(ring.any())
+    lo, hi = float(crop[ring].min()), float(crop[ring].max())
+    span = hi - lo
+    return bool(vals.min() >= lo - span and vals.max() <= hi + span)
+
+
 def _solve_spd(a: sparse.spmatrix, b: np.ndarray) -> np.ndarray:
     """Sparse direct solve of a symmetric positive definite system."""
     if a.shape[0] == 1:
@@ -292,6 +307,13 @@ class _PDEInpainter:
                 node = valid | m[y0:y1, x0:x1]
                 a, b = _biharmonic_system(crop, unknown, node)
                 vals = _solve_spd(a, b)
+                if not _within_boundary_range(vals, crop, unknown, valid):
+                    # Continuing gradients across a large region (worst where it
+                    # touches the image border) can overshoot far beyond anything
+                    # around it; the harmonic fill obeys the maximum principle.
+                    params["n_regions_fallback"] += 1
+                    params["n_regions_overshoot"] = params.get("n_regions_overshoot", 0) + 1
+                    vals = _harmonic_fill(crop, unknown, valid, self.max_direct, self.cg_tol)
             else:
                 if self.order == 2:
                     params["n_regions_fallback"] += 1
