@@ -99,7 +99,13 @@ def cli() -> None:
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(path_type=Path),
               help="Output directory (created if missing).")
-@click.option("--masker", default="classical", show_default=True, help="Dust masker backend.")
+@click.option("--masker", default="auto", show_default=True,
+              help="Dust masker backend; auto = motion for a video (falls back to classical when the frames "
+                   "do not move), classical for an image.")
+@click.option("--flat-method", type=click.Choice(["auto", "motion", "inpaint"]), default="auto", show_default=True,
+              help="Video flats: from the frames' motion (auto: when they move enough) or from the inpainted median.")
+@click.option("--motion-frames", type=click.IntRange(min=2), default=48, show_default=True,
+              help="Frames (evenly spaced) used by the motion flat.")
 @click.option("--mask", "mask_path", type=click.Path(path_type=Path), default=None,
               help="Use this mask image (255 = dust) instead of running a masker.")
 @click.option("--inpainter", default="harmonic", show_default=True, help="Inpainter backend.")
@@ -119,7 +125,7 @@ def cli() -> None:
               help="flat.tif: float32 with unity 0.5 (PixInsight-safe) or the original tool's uint16 65535 = 1.0.")
 @click.option("--no-calibrate", is_flag=True, help="Build the flat but do not write calibrated frames.")
 @click.option("--quiet", is_flag=True, help="No progress bars or step messages (warnings and errors still shown).")
-def run(input_path, outdir, masker, mask_path, inpainter, masker_option, sam_model, inpainter_option, inpaint_model,
+def run(input_path, outdir, masker, flat_method, motion_frames, mask_path, inpainter, masker_option, sam_model, inpainter_option, inpaint_model,
         ensemble, inpaint_seed, reroll, inpaint_batch_size, dtype, expand_px, sigma_px, frame_start, frame_stop, frame_step, max_memory_mb,
         device, tiff_scale, no_calibrate, quiet):
     """Build a dust flat for INPUT (a SER video or an image) and calibrate it."""
@@ -129,7 +135,8 @@ def run(input_path, outdir, masker, mask_path, inpainter, masker_option, sam_mod
     masker_options, inpainter_options = _collect_backend_options(
         masker_option, sam_model, inpainter_option, inpaint_model, ensemble, inpaint_seed, reroll, inpaint_batch_size)
     options = RunOptions(
-        masker=masker, inpainter=inpainter, masker_options=masker_options, inpainter_options=inpainter_options, mask_path=str(mask_path) if mask_path else None,
+        masker=masker, flat_method=flat_method, motion_frames=motion_frames, inpainter=inpainter,
+        masker_options=masker_options, inpainter_options=inpainter_options, mask_path=str(mask_path) if mask_path else None,
         flat=FlatParams(expand_px=expand_px, sigma_px=sigma_px), frame_start=frame_start,
         frame_stop=frame_stop, frame_step=frame_step, max_memory_mb=max_memory_mb, device=device, dtype=dtype,
         calibrate=not no_calibrate, tiff_scale=tiff_scale, progress=not quiet,

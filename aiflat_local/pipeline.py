@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +37,9 @@ OUTPUTS_VIDEO = [
 class RunOptions:
     """Everything that shapes a run (recorded in ``report.json``)."""
 
-    masker: str = "classical"
+    masker: str = "auto"  # "auto": "motion" for a video, "classical" for a single image
+    flat_method: str = "auto"  # "auto" | "motion" | "inpaint" (see run())
+    motion_frames: int = 48  # frames used by the motion flat (evenly spaced)
     masker_options: dict[str, Any] = field(default_factory=dict)
     inpainter: str = "harmonic"
     inpainter_options: dict[str, Any] = field(default_factory=dict)
@@ -128,10 +130,10 @@ def compute_mask(reference: np.ndarray, options: RunOptions, frames: Any = None,
 def backend_options(registry, name: str, given: dict[str, Any], options: RunOptions) -> dict[str, Any]:
     """Options for a backend: what the user gave, plus ``device`` for backends that run models."""
     out = dict(given)
-    if registry.info(name).needs_weights:
+    if registry.accepts(name, "device"):
         out.setdefault("device", options.device)
-        if options.dtype is not None:
-            out.setdefault("dtype", options.dtype)
+    if options.dtype is not None and registry.accepts(name, "dtype"):
+        out.setdefault("dtype", options.dtype)
     if registry.accepts(name, "progress"):
         out.setdefault("progress", options.progress)
     return out
@@ -183,6 +185,35 @@ def make_flat(reference: np.ndarray, mask: np.ndarray, options: RunOptions,
     return flat, inpainted, info
 
 
+def motion_for(reader: Any, masker: Any, options: RunOptions, log: Callable[[str], None]):
+    """The motion flat of a video: the motion masker's own solve, or a new one."""
+    motion = getattr(masker, "motion", None)
+    if motion is not None:
+        return motion
+    from .motion import motion_flat
+
+    log(f"motion flat from up to {options.motion_frames} frames")
+    return motion_flat(reader, max_frames=options.motion_frames, device=options.device, progress=options.progress)
+
+
+def motion_route_flat(reference: np.ndarray, mask: np.ndarray, motion: Any, inpaint_flat: FlatResult,
+                      options: RunOptions) -> FlatResult:
+    """The flat from the motion gain, blended with the inpainting route where motion says little.
+
+    Inside the motion support the gain is the motion solve's; outside it (the
+    frame border, the limb) the inpainted-median ratio; the two meet smoothly
+    (:func:`aiflat_local.motion.blend_gains`). The flat builder's rules hold
+    as for any gain: exactly 1.0 outside the soft mask.
+    """
+    from .motion import blend_gains
+
+    gain = blend_gains(motion.gain, motion.support, inpaint_flat.gain)
+    result = build_flat(reference, mask, gain=gain, params=options.flat)
+    result.stats["gain_source"] = "motion (blended with reference/inpainted outside the motion support)"
+    result.stats["motion_support_fraction"] = float(np.mean(motion.support))
+    return result
+
+
 def flat_for_tiff(flat: np.ndarray, tiff_scale: str) -> tuple[np.ndarray, dict[str, Any]]:
     """The flat as stored in ``flat.tif``: float32 with unity 0.5, or uint16 with 65535 = 1.0."""
     if tiff_scale == "half":
@@ -229,6 +260,12 @@ def run(input_path: str | os.PathLike, outdir: str | os.PathLike, options: RunOp
     input_path = Path(input_path)
     outdir = Path(outdir)
     fmt = detect_format(input_path)
+    if options.flat_method not in ("auto", "motion", "inpaint"):
+        raise InputError(f"flat method must be auto, motion or inpaint, not {options.flat_method!r}")
+    if options.masker == "auto":
+        options = replace(options, masker="motion" if fmt == "ser" else "classical")
+    if options.masker == "motion":
+        options.masker_options.setdefault("max_frames", options.motion_frames)
     check_options(input_path, outdir, options)
     check_writable_dir(outdir)
     timer = _Timer()
@@ -289,6 +326,29 @@ def run(input_path: str | os.PathLike, outdir: str | os.PathLike, options: RunOp
         with timer.step("inpaint_and_flat"):
             flat, inpainted, inpaint_info = make_flat(reference, mask, options, inpainter=inpainter)
         report["inpaint"] = inpaint_info
+
+        aligned = None
+        if reader is not None and options.flat_method != "inpaint":
+            with timer.step("motion_flat"):
+                motion = motion_for(reader, masker, options, log)
+                report["motion"] = motion.to_dict(per_frame=True) if motion is not None else {
+                    "used": False, "reason": "not computed"}
+                if motion is not None and motion.used:
+                    flat = motion_route_flat(reference, mask, motion, flat, options)
+                    log(f"flat from motion: {report['motion'].get('reason', '')}")
+                else:
+                    reason = report["motion"]["reason"]
+                    warnings.append(f"motion flat not used ({reason}); the flat comes from the inpainted median")
+                    if options.flat_method == "motion":
+                        raise InputError(f"--flat-method motion: {reason}")
+            if motion is not None and motion.used:
+                with timer.step("aligned_reference"):
+                    from .motion import aligned_median
+
+                    aligned = aligned_median(reader, motion.registration, max_memory_mb=options.max_memory_mb,
+                                             progress=options.progress)
+        else:
+            report["motion"] = {"used": False, "reason": "single image" if reader is None else "--flat-method inpaint"}
         report["flat"] = flat.stats
 
         staging = Path(tempfile.mkdtemp(prefix=".aiflat-partial-", dir=outdir))
@@ -306,6 +366,9 @@ def run(input_path: str | os.PathLike, outdir: str | os.PathLike, options: RunOp
                     report["calibration"] = stats.to_dict()
             with timer.step("write"):
                 _write_outputs(staging, report, raw_reference, reference, mask, flat, inpainted, options)
+                if aligned is not None:
+                    write_fits(staging / "reference_aligned.fits", aligned,
+                               {**_fits_provenance(report), "IMAGETYP": "Sun-aligned reference"})
                 report["timings_s"] = {**timer.times, "total": timer.total()}
                 write_report_files(staging, report, reference, mask, flat.soft_mask, flat.flat)
                 report["outputs"] = sorted(p.name for p in staging.iterdir()) + ["report.json"]

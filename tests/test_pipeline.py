@@ -57,12 +57,14 @@ def test_report_json_and_html_carry_provenance(tmp_path):
     assert saved["reference"]["n_frames_used"] == 3
     assert saved["parameters"]["flat"]["expand_px"] == 10.0
     assert saved["versions"]["aiflat_local"] and saved["versions"]["numpy"]
-    assert saved["mask"]["backend"] == "classical" and saved["inpaint"]["backend"] == "harmonic"
+    # auto masker for a video: motion (falls back to classical when the frames do not move enough)
+    assert saved["mask"]["backend"] == "motion" and saved["inpaint"]["backend"] == "harmonic"
+    assert saved["motion"]["used"] in (True, False) and saved["motion"]["reason"]
     assert set(saved["outputs"]) >= {"flat.fits", "calibrated.ser", "report.json"}
     html = (tmp_path / "out" / "report.html").read_text()
-    assert "classical" in html and "overlay.png" in html
+    assert "motion" in html and "overlay.png" in html
     _, info = read_image(tmp_path / "out" / "flat.fits")
-    assert info.header["MASKER"] == "classical" and info.header["ROWORDER"] == "BOTTOM-UP"
+    assert info.header["MASKER"] == "motion" and info.header["ROWORDER"] == "BOTTOM-UP"
 
 
 def test_overlay_marks_mask_outline_and_soft_edge():
@@ -77,3 +79,26 @@ def test_overlay_marks_mask_outline_and_soft_edge():
     assert np.all(rgb[10, 10:30] == YELLOW)
     inside = rgb[18:22, 18:22]
     assert np.all(inside[..., 0] == inside[..., 1])  # grey inside the outline: the data stays visible
+
+
+def test_video_with_motion_gets_motion_flat_and_aligned_reference(tmp_path, small_video):
+    report = run(small_video.video, tmp_path / "out", RunOptions(progress=False))
+    assert report["motion"]["used"] is True, report["motion"]["reason"]
+    assert "motion" in report["flat"]["gain_source"]
+    aligned, _ = read_image(tmp_path / "out" / "reference_aligned.fits")
+    assert aligned.shape == (96, 128)
+
+
+def test_still_video_falls_back_and_says_why(tmp_path):
+    from aiflat_local.synth import SimConfig, simulate
+
+    sim = simulate(tmp_path / "sim", SimConfig(height=96, width=128, n_frames=6, seed=2, drift_px=0, jitter_px=0))
+    report = run(sim.video, tmp_path / "out", RunOptions(progress=False))
+    assert report["motion"]["used"] is False and report["motion"]["reason"]
+    assert any("motion flat not used" in w for w in report["warnings"])
+    assert report["flat"]["gain_source"] == "reference/inpainted"
+    assert not (tmp_path / "out" / "reference_aligned.fits").exists()
+    from aiflat_local.errors import InputError
+
+    with pytest.raises(InputError, match="--flat-method motion"):
+        run(sim.video, tmp_path / "out2", RunOptions(progress=False, flat_method="motion"))
