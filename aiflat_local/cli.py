@@ -24,11 +24,25 @@ def _log(message: str) -> None:
 
 
 def _flat_options(f):
-    f = click.option("--expand", "expand_px", type=click.FloatRange(min=0), default=10.0, show_default=True,
-                     help="Expand the dust mask by a disk of this radius (px) before feathering.")(f)
-    f = click.option("--feather", "sigma_px", type=click.FloatRange(min=0), default=3.0, show_default=True,
-                     help="Gaussian feathering sigma of the expanded mask (px).")(f)
+    f = click.option("--expand", "expand_px", type=click.FloatRange(min=0), default=None,
+                     help="Expand the dust mask by a disk of this radius (px) before feathering "
+                          "[default: 10 for the inpainted-median flat, as the original tool; 3 for the motion flat].")(f)
+    f = click.option("--feather", "sigma_px", type=click.FloatRange(min=0), default=None,
+                     help="Gaussian feathering sigma of the expanded mask (px) [default: 3; 1.5 for the motion flat].")(f)
     return f
+
+
+def _flat_params(expand_px: float | None, sigma_px: float | None) -> dict:
+    """RunOptions' flat parameters: the user's --expand/--feather apply to both routes; else each route's default."""
+    from .flat import FlatParams
+    from .pipeline import RunOptions
+
+    defaults = RunOptions()
+    out = {}
+    for key, params in (("flat", defaults.flat), ("motion_flat_params", defaults.motion_flat_params)):
+        out[key] = FlatParams(expand_px=params.expand_px if expand_px is None else expand_px,
+                              sigma_px=params.sigma_px if sigma_px is None else sigma_px)
+    return out
 
 
 def _parse_option_pairs(pairs: tuple[str, ...], what: str) -> dict:
@@ -137,7 +151,7 @@ def run(input_path, outdir, masker, flat_method, motion_frames, mask_path, inpai
     options = RunOptions(
         masker=masker, flat_method=flat_method, motion_frames=motion_frames, inpainter=inpainter,
         masker_options=masker_options, inpainter_options=inpainter_options, mask_path=str(mask_path) if mask_path else None,
-        flat=FlatParams(expand_px=expand_px, sigma_px=sigma_px), frame_start=frame_start,
+        **_flat_params(expand_px, sigma_px), frame_start=frame_start,
         frame_stop=frame_stop, frame_step=frame_step, max_memory_mb=max_memory_mb, device=device, dtype=dtype,
         calibrate=not no_calibrate, tiff_scale=tiff_scale, progress=not quiet,
     )

@@ -178,7 +178,8 @@ def test_run_with_diffusion_inpainter_from_a_local_folder(tmp_path, cli, small_v
     from aiflat_local.inpaint._diffusion_tiny import make_tiny_inpaint_pipeline
 
     model = make_tiny_inpaint_pipeline(tmp_path / "tiny-sd")
-    code, _, err = cli("run", small_video.video, "-o", tmp_path / "out", "--quiet", "--inpainter", "diffusion",
+    code, _, err = cli("run", small_video.video, "-o", tmp_path / "out", "--quiet", "--flat-method", "inpaint",
+                       "--inpainter", "diffusion",
                        "--inpaint-model", model, "--ensemble", "2", "--seed", "7",
                        "--inpainter-option", "steps=2", "--inpainter-option", "crop_size=64",
                        "--inpainter-option", "context_px=8")
