@@ -34,12 +34,55 @@ def _markdown(columns, rows) -> str:
     return head + "".join("| " + " | ".join(_cell(c) for c in row) + " |\n" for row in rows)
 
 
+def _accuracy_tables(d: dict) -> list[dict]:
+    cols = ["route", "deep recall (mean / min)", "3-10% recall", "dark features touched", "deep flat err median",
+            "deep flat err p90", "residual dust (median / worst run)", "exactly 1.0"]
+    rows = []
+    for k, v in d["summary"].items():
+        rows.append([k + (" (motion)" if k.startswith("auto") else " (median)"),
+                     f"{v['deep_dust_recall']:.3f} / {v['min_deep_dust_recall']:.3f}",
+                     round(v["medium_dust_recall_3_10pct"], 3), round(v["dark_feature_leakage"], 3),
+                     f"{100 * v['deep_dust_flat_error_median']:.2f} %", f"{100 * v['deep_dust_flat_error_p90']:.2f} %",
+                     f"{100 * v['deep_dust_residual_median']:.2f} % / {100 * v['max_deep_dust_residual_median']:.2f} %",
+                     round(v["fraction_flat_exactly_one"], 3)])
+    c = d["config"]
+    title = (f"simulator, {c['size'][0]} x {c['size'][1]} x {c['frames']} frames, seeds {c['seeds']}, "
+             "with and without central obstruction (means over the videos)")
+    return [{"title": title, "columns": cols, "rows": rows}]
+
+
+def _flats_tables(d: dict) -> list[dict]:
+    cols = ["method", "deep med %", "deep p90 %", "3-10% med %", "rim med %", "spot max %", "spots hit",
+            "recall >10%", "recall 3-10%", "exact 1.0", "time s", "peak MB"]
+    rows = []
+    for k, v in d["summary"].items():
+        def g(key, scale=100):
+            return None if v.get(key) is None else round(scale * v[key], 3)
+        rows.append([k, g("deep_median"), g("deep_p90"), g("faint_median"), g("halo_median"), g("dark_max"),
+                     g("leak", 1), g("recall_deep", 1), g("recall_faint", 1), g("exact_one", 1), g("time_s", 1),
+                     g("peak_mb", 1)])
+    c = d["config"]
+    tables = [{"title": f"simulator, {c['size'][0]} x {c['size'][1]} x {c['frames']} frames, seeds {c['seeds']}, "
+                        f"variants: {', '.join(c['variants'])} (means)", "columns": cols, "rows": rows}]
+    if d.get("speed"):
+        tables.append({
+            "title": "motion route at full size (1920 x 1200 x 200 frames, 16-bit)",
+            "columns": ["frames used", "total s", "peak RSS MB", "deep med %", "deep p90 %", "exact 1.0"],
+            "rows": [[s["frames_used"], s["times_s"]["total"], round(s["peak_rss_mb"]), round(100 * s["deep_median"], 3),
+                      round(100 * s["deep_p90"], 3), round(s["exact_one"], 3)] for s in d["speed"]],
+        })
+    return tables
+
+
+DERIVED = {"accuracy": _accuracy_tables, "flats": _flats_tables}
+
+
 def render(name: str, result: dict) -> str:
     machine = result.get("machine", {})
     out = [f"## {name}\n", f"`{result.get('command', '')}` -> `results/{name}.json`  \n",
            f"machine: {machine.get('platform', '?')}, {machine.get('cpu_count', '?')} CPUs, "
            f"{machine.get('date', '?')}\n"]
-    tables = result.get("tables")
+    tables = result.get("tables") or (DERIVED[name](result) if name in DERIVED else None)
     if tables:
         for t in tables:
             out.append(f"\n**{t.get('title', '')}**\n\n" + _markdown(t["columns"], t["rows"]))
