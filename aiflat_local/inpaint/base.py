@@ -43,3 +43,20 @@ class Inpainter(Protocol):
 
 
 INPAINTERS: Registry[Inpainter] = Registry("inpainter")
+
+
+def check_inputs(image: np.ndarray, mask: np.ndarray, what: str = "2-D") -> tuple[np.ndarray, np.ndarray]:
+    """Validate an inpainter's inputs; return ``(image, boolean mask)``.
+
+    Raises :class:`~aiflat_local.errors.InputError` for a non-2-D image or a
+    mask of another shape. Nonzero mask values count as True.
+    """
+    from ..errors import InputError
+
+    img = np.asarray(image)
+    m = np.asarray(mask)
+    if img.ndim != 2:
+        raise InputError(f"image to inpaint must be {what}, got shape {img.shape}")
+    if m.shape != img.shape:
+        raise InputError(f"mask shape {m.shape} differs from image shape {img.shape}")
+    return img, (m if m.dtype == bool else m != 0)

@@ -39,7 +39,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from ..errors import BackendError, InputError
-from .base import INPAINTERS, InpaintResult
+from .base import INPAINTERS, InpaintResult, check_inputs
 
 DEFAULT_PROMPT = (
     "high resolution monochrome photograph of the solar surface through a telescope, clean optics, "
@@ -243,13 +243,7 @@ class DiffusionInpainter:
         from ._diffusion_crops import BrightnessMap, ensemble_fill, output_to_image, plan_windows, prepare_window
 
         t0 = time.perf_counter()
-        img = np.asarray(image)
-        m = np.asarray(mask)
-        if img.ndim != 2:
-            raise InputError(f"image to inpaint must be 2-D (grayscale), got shape {img.shape}")
-        if m.shape != img.shape:
-            raise InputError(f"mask shape {m.shape} differs from image shape {img.shape}")
-        m = m if m.dtype == bool else m != 0
+        img, m = check_inputs(image, mask, "2-D (grayscale)")
         out = img.astype(np.float32, copy=True)
         params = self.options()
         params.update(n_pixels=int(np.count_nonzero(m)), n_regions=0, n_windows=0, n_model_calls=0)

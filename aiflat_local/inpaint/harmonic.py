@@ -40,7 +40,7 @@ from scipy import ndimage, sparse
 from scipy.sparse import linalg as splinalg
 
 from ..errors import InputError
-from .base import INPAINTERS, InpaintResult
+from .base import INPAINTERS, InpaintResult, check_inputs
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 _SHIFTS = ((-1, 0), (1, 0), (0, -1), (0, 1))
@@ -261,13 +261,7 @@ class _PDEInpainter:
             region counts and the solve time in seconds.
         """
         t0 = time.perf_counter()
-        img = np.asarray(image)
-        m = np.asarray(mask)
-        if img.ndim != 2:
-            raise InputError(f"image to inpaint must be 2-D, got shape {img.shape}")
-        if m.shape != img.shape:
-            raise InputError(f"mask shape {m.shape} differs from image shape {img.shape}")
-        m = m if m.dtype == bool else m != 0
+        img, m = check_inputs(image, mask, "2-D")
         out = img.astype(np.float32, copy=True)
         params = self.params()
         params.update(n_regions=0, n_pixels=int(np.count_nonzero(m)), n_regions_fallback=0,
