@@ -11,7 +11,6 @@ same code as `aiflat-local run`) with each inpainter, and score against the grou
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
