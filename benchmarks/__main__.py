@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["speed", "accuracy", "flats", "masks", "dustnet", "sam", "diffusion"]
+SCRIPTS = ["speed", "accuracy", "flats", "masks", "dustnet", "sam", "diffusion", "gpu"]
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,9 @@
 """Speed and peak memory: temporal median and calibration against the obvious ways.
 
-Generates a 16-bit SER (default 1920 x 1200 x 200, a textured solar field with
-fixed dust, fixed seed, streamed with SerWriter) and measures, side by side in
-one run, each in its own subprocess so that peak RSS is that task's alone:
+Generates a 16-bit SER per frame count (default 1920 x 1200, 200 and 1000
+frames: 0.9 and 4.4 GiB; a textured solar field with fixed dust, fixed seed,
+streamed with SerWriter) and measures, side by side in one run, each in its own
+subprocess so that peak RSS is that task's alone:
 
   (a) the original cloud tool's way: every frame read into a Python list,
       ``np.median(np.array(frames), axis=0)``, cast to float32;
@@ -19,8 +20,9 @@ reads. (c) and (d) are repeated alternately (``--repeat``) with ``os.sync()``
 before each run, because write-back makes single write timings noisy; the
 table shows the median and the JSON keeps every run.
 
-    python benchmarks/speed.py                       # full size, about a minute
-    python benchmarks/speed.py --smoke --output /tmp/x   # 64 x 80 x 10, seconds (CI)
+    python benchmarks/speed.py                       # full size, 200 and 1000 frames: ~10 min, ~14 GB RAM for (a)
+    python benchmarks/speed.py --frames 200          # the 200-frame case only, about a minute
+    python benchmarks/speed.py --smoke --output /tmp/x   # 64 x 80 x 10 and 20 frames, seconds (CI)
 """
 
 from __future__ import annotations
@@ -263,29 +265,8 @@ def _sync() -> None:
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=200)
-    parser.add_argument("--size", type=int, nargs=2, default=[1200, 1920], metavar=("H", "W"))
-    parser.add_argument("--repeat", type=int, default=5, help="runs of each write task (c, d)")
-    parser.add_argument("--workers", type=int, default=2, help="temporal_median workers")
-    parser.add_argument("--max-memory-mb", type=float, default=256, help="temporal_median budget")
-    parser.add_argument("--workdir", type=Path, default=None, help="where the SER goes (default: a temp dir)")
-    parser.add_argument("--keep", action="store_true", help="keep the generated files")
-    parser.add_argument("--skip-e2e", action="store_true", help="skip (e), aiflat-local run")
-    parser.add_argument("--e2e-timeout", type=float, default=1800, help="seconds allowed for (e)")
-    parser.add_argument("--smoke", action="store_true", help="64 x 80 x 10: proves the script runs")
-    parser.add_argument("--output", type=Path, default=None, help="results directory (default benchmarks/results)")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args.child:
-        print(json.dumps(child(args.child, args.workdir, args.workers, args.max_memory_mb)), flush=True)
-        return 0
-    if args.smoke:
-        args.size, args.frames, args.repeat = [64, 80], 10, 1
-    height, width = args.size
-
+def measure_case(height: int, width: int, n_frames: int, args) -> dict:
+    """Generate one SER of *n_frames* and measure (a)-(e) on it; the case's config, results, ratios, table."""
     base = args.workdir
     if base is not None:
         base.mkdir(parents=True, exist_ok=True)
@@ -294,10 +275,10 @@ def main(argv=None) -> int:
         video = workdir / "video.ser"
         # Generated in a child too, so that this process stays small: a forked
         # child's ru_maxrss starts at its parent's RSS.
-        os.environ["AIFLAT_SPEED_VIDEO"] = f"{height}x{width}x{args.frames}"
+        os.environ["AIFLAT_SPEED_VIDEO"] = f"{height}x{width}x{n_frames}"
         gen_s = _task("generate", workdir, args)["seconds"]
         size_mb = video.stat().st_size / 2**20
-        print(f"video: {width} x {height} x {args.frames} uint16, {size_mb:.0f} MiB, "
+        print(f"video: {width} x {height} x {n_frames} uint16, {size_mb:.0f} MiB, "
               f"written in {gen_s:.1f} s ({workdir})", flush=True)
 
         results: dict[str, dict] = {}
@@ -380,7 +361,7 @@ def main(argv=None) -> int:
     ]
     if "seconds" in results["e2e"] and "skipped" not in results["e2e"]:
         rows.append(("(e) aiflat-local run (wall, incl. start-up)", results["e2e"], ""))
-    print(f"\n{width} x {height} x {args.frames} frames uint16 ({size_mb:.0f} MiB), "
+    print(f"\n{width} x {height} x {n_frames} frames uint16 ({size_mb:.0f} MiB), "
           f"{os.cpu_count()} CPUs; interpreter + imports alone: {idle:.0f} MiB peak RSS")
     print(f"{'task':44s} {'time s':>8s} {'peak RSS MiB':>13s}  note")
     for name, r, note in rows:
@@ -393,11 +374,8 @@ def main(argv=None) -> int:
         print(f"targets (>= {TARGET_SPEEDUP:g}x faster, <= {TARGET_MEMORY_FRACTION:.0%} memory): "
               f"{'met' if targets_met else 'NOT met'}")
 
-    result = {
-        "benchmark": "speed",
-        "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": machine_info(),
-        "config": {"height": height, "width": width, "frames": args.frames, "dtype": "uint16",
+    return {
+        "config": {"height": height, "width": width, "frames": n_frames, "dtype": "uint16",
                    "size_mib": size_mb, "repeat": args.repeat, "workers": args.workers,
                    "max_memory_mb": args.max_memory_mb, "seed": SEED, "generation_s": gen_s,
                    "note": "input SER in the page cache; (c)/(d) medians of alternating runs after os.sync()"},
@@ -406,15 +384,47 @@ def main(argv=None) -> int:
         "bit_identical": identical,
         "targets": {"speedup": TARGET_SPEEDUP, "memory_fraction": TARGET_MEMORY_FRACTION,
                     "met": targets_met if not args.smoke else None},
-        "tables": [{
-            "title": f"{width} x {height} x {args.frames} frames uint16 ({size_mb:.0f} MiB)",
+        "table": {
+            "title": f"{width} x {height} x {n_frames} frames uint16 ({size_mb:.0f} MiB)",
             "columns": ["task", "time s", "peak RSS MiB", "note"],
             "rows": [[name, round(r["seconds"], 2), round(r["peak_rss_mb"]), note] for name, r, note in rows],
-        }],
+        },
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, nargs="+", default=[200, 1000], help="frame counts, one SER each")
+    parser.add_argument("--size", type=int, nargs=2, default=[1200, 1920], metavar=("H", "W"))
+    parser.add_argument("--repeat", type=int, default=5, help="runs of each write task (c, d)")
+    parser.add_argument("--workers", type=int, default=2, help="temporal_median workers")
+    parser.add_argument("--max-memory-mb", type=float, default=256, help="temporal_median budget")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the SER goes (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    parser.add_argument("--skip-e2e", action="store_true", help="skip (e), aiflat-local run")
+    parser.add_argument("--e2e-timeout", type=float, default=1800, help="seconds allowed for (e)")
+    parser.add_argument("--smoke", action="store_true", help="64 x 80 x 10 and 20 frames: proves the script runs")
+    parser.add_argument("--output", type=Path, default=None, help="results directory (default benchmarks/results)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        print(json.dumps(child(args.child, args.workdir, args.workers, args.max_memory_mb)), flush=True)
+        return 0
+    if args.smoke:
+        args.size, args.frames, args.repeat = [64, 80], [10, 20], 1
+    height, width = args.size
+    cases = [measure_case(height, width, n, args) for n in args.frames]
+    result = {
+        "benchmark": "speed",
+        "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_info(),
+        "cases": cases,
+        "tables": [c.pop("table") for c in cases],
     }
     path = write_results("speed", result, args.output, smoke=args.smoke)
     print(f"wrote {path}")
-    return 0 if identical else 1
+    return 0 if all(c["bit_identical"] for c in cases) else 1
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ Scripts, not tests: each measures side by side in one run and writes `results/NA
 `python -m benchmarks` runs them all (about 10-20 minutes on a 2-core CPU) and rebuilds this page
 from the JSON; `python -m benchmarks --smoke` runs tiny versions (CI does); `python -m benchmarks
 --table` only rebuilds this page. Every figure below comes from the committed results file named
-in its section, produced by the command shown there.
+in its section, produced by the command shown there. The GPU section (`gpu`) appears when
+`benchmarks/gpu.py` has been run on a machine with CUDA; without CUDA it writes nothing.
 """
 
 
@@ -74,7 +75,48 @@ def _flats_tables(d: dict) -> list[dict]:
     return tables
 
 
-DERIVED = {"accuracy": _accuracy_tables, "flats": _flats_tables}
+def _masks_tables(d: dict) -> list[dict]:
+    tables = []
+    for pair in d.get("pairs", []):
+        h, w = pair["shape"]
+        tables.append({
+            "title": f"against the cloud mask: {Path(pair['reference']).name} ({w} x {h}); the cloud mask is a "
+                     "reference, not the truth",
+            "columns": ["masker", "pixel IoU", "Dice", "objects found", "object precision", "F1", "s / MP",
+                        "cloud objects missed", "objects not in cloud"],
+            "rows": [[name, round(r["pixel_iou"], 3), round(r["dice"], 3),
+                      f"{r['object_n_ref_found']}/{r['object_n_ref']}", round(r["object_precision"], 3),
+                      round(r["object_f1"], 3), round(r["seconds_per_mp"], 2) if "seconds_per_mp" in r else "-",
+                      pair["disagreements"][name]["cloud_missed"], pair["disagreements"][name]["not_in_cloud"]]
+                     for name, r in pair["maskers"].items()],
+        })
+    setup = d["simulator_setup"]
+    sim_cols = ["masker", "IoU >10%", "Dice >10%", "IoU all dust", "recall >10%", "recall 3-10%", "precision",
+                "F1", "dark features masked", "s / MP"]
+
+    def row(name, p):
+        return [name, round(p["iou_deep"], 3), round(p["dice_deep"], 3), round(p["iou_dust"], 3),
+                round(p["recall_deep"], 3), round(p["recall_3_10pct"], 3), round(p["precision"], 3),
+                round(p["f1"], 3), round(p["dark_features_masked"], 3), round(p["seconds_per_mp"], 2)]
+
+    conditions = list(d["simulator"])
+    tables.append({
+        "title": f"simulator truth, all {len(conditions)} conditions pooled ({setup['size'][0]} x {setup['size'][1]} "
+                 f"x {setup['frames']} frames, seeds {setup['seeds']}; +frames: the masker also sees the frames)",
+        "columns": sim_cols, "rows": [row(n, p) for n, p in d["simulator_all_conditions"].items()]})
+    maskers = list(d["simulator_all_conditions"])
+    tables.append({
+        "title": "simulator truth by condition: IoU >10% / recall >10% / dark features masked",
+        "columns": ["condition", *maskers],
+        "rows": [[c] + [f"{m['iou_deep']:.2f} / {m['recall_deep']:.2f} / {m['dark_features_masked']:.2f}"
+                        for m in (d["simulator"][c]["maskers"][n]["pooled"] for n in maskers)] for c in conditions]})
+    if d.get("skipped"):
+        tables.append({"title": "maskers not run", "columns": ["masker", "why"],
+                       "rows": [[k, v] for k, v in d["skipped"].items()]})
+    return tables
+
+
+DERIVED = {"accuracy": _accuracy_tables, "flats": _flats_tables, "masks": _masks_tables}
 
 
 def render(name: str, result: dict) -> str:
