@@ -59,23 +59,10 @@ def find_models(store, names):
 
 def tiny_random_model(directory: Path) -> Path:
     """A tiny random SamModel in transformers' layout (smoke runs only: its masks mean nothing)."""
-    import torch
-    from transformers import SamConfig, SamModel
-
-    torch.manual_seed(0)
-    cfg = SamConfig(
-        vision_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=64, patch_size=8, window_size=4, global_attn_indexes=[0],
-                           num_pos_feats=4, mlp_dim=16),
-        prompt_encoder_config=dict(hidden_size=8, image_size=64, patch_size=8, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=8, mlp_dim=16, num_hidden_layers=1, num_attention_heads=2,
-                                 iou_head_hidden_dim=8),
-    )
-    from aiflat_local.masks._sam_models import quiet_transformers
+    from aiflat_local.masks._sam_tiny import write_tiny_sam
 
     path = directory / "tiny-random-sam"
-    with quiet_transformers():
-        SamModel(cfg).save_pretrained(path)
+    write_tiny_sam(path, num_hidden_layers=1)
     return path
 
 

@@ -35,23 +35,9 @@ def one_torch_thread():
 
 # --------------------------------------------------------------------------- tiny models
 def build_sam(path: Path, hq: bool = False):
-    import torch
-    from transformers import SamConfig, SamHQConfig, SamHQModel, SamModel
+    from aiflat_local.masks._sam_tiny import write_tiny_sam
 
-    torch.manual_seed(0)
-    kw = dict(
-        vision_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1],
-                           num_pos_feats=4, mlp_dim=16),
-        prompt_encoder_config=dict(hidden_size=8, image_size=64, patch_size=8, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=8, mlp_dim=16, num_hidden_layers=1, num_attention_heads=2,
-                                 iou_head_hidden_dim=8, **({"vit_dim": 16} if hq else {})),
-    )
-    model = (SamHQModel(SamHQConfig(**kw)) if hq else SamModel(SamConfig(**kw))).eval()
-    model.save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
-    return model
+    return write_tiny_sam(path, hq=hq)
 
 
 def build_sam2(path: Path):

@@ -34,21 +34,9 @@ def write_manifest(directory, models):
 
 def tiny_sam_folder(path):
     """A tiny random SamModel saved with save_pretrained (config.json + model.safetensors)."""
-    import torch
-    from transformers import SamConfig, SamModel
+    from aiflat_local.masks._sam_tiny import write_tiny_sam
 
-    torch.manual_seed(0)
-    cfg = SamConfig(
-        vision_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8, window_size=2, global_attn_indexes=[0],
-                           num_pos_feats=4, mlp_dim=16),
-        prompt_encoder_config=dict(hidden_size=8, image_size=32, patch_size=8, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=8, mlp_dim=16, num_hidden_layers=1, num_attention_heads=2,
-                                 iou_head_hidden_dim=8),
-    )
-    model = SamModel(cfg).eval()
-    model.save_pretrained(path)
-    return model
+    return write_tiny_sam(path, image_size=32, num_hidden_layers=1)
 
 
 # --------------------------------------------------------------------------- offline mode
