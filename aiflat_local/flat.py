@@ -193,6 +193,7 @@ def build_flat(
     inpainted: np.ndarray | None = None,
     gain: np.ndarray | None = None,
     params: FlatParams = FlatParams(),
+    weight: np.ndarray | None = None,
 ) -> FlatResult:
     """Build the flat from a reference and a detected dust mask.
 
@@ -208,6 +209,12 @@ def build_flat(
     gain : (H, W) array, optional
         A gain estimated some other way (e.g. from motion); used instead of the ratio.
     params : FlatParams
+    weight : (H, W) array in [0, 1], optional
+        The soft mask computed elsewhere (e.g. the motion route's
+        :func:`aiflat_local.motion.motion_soft_mask`) instead of the detected
+        mask expanded by ``params.expand_px`` and feathered by
+        ``params.sigma_px``. Weights below ``params.weight_floor`` still become
+        exactly 0 (the flat is exactly 1.0 there) and the detected pixels 1.
 
     Returns
     -------
@@ -222,9 +229,21 @@ def build_flat(
     if (inpainted is None) == (gain is None):
         raise ValueError("give exactly one of inpainted= or gain=")
 
-    w = soft_mask(dust_mask, params.expand_px, params.sigma_px, params.weight_floor)
-    inside = w > 0
     stats: dict[str, Any] = {"params": asdict(params)}
+    if weight is None:
+        w = soft_mask(dust_mask, params.expand_px, params.sigma_px, params.weight_floor)
+    else:
+        w = np.asarray(weight, dtype=np.float64)
+        if w.shape != reference.shape:
+            raise ValueError(f"weight shape {w.shape} != reference shape {reference.shape}")
+        if not np.isfinite(w).all():
+            raise ValueError("weight must be finite")
+        w = np.clip(w, 0.0, 1.0)
+        w[w < params.weight_floor] = 0.0
+        w[dust_mask] = 1.0
+        w = w.astype(np.float32)
+        stats["soft_mask"] = "given"
+    inside = w > 0
 
     if inpainted is not None:
         inpainted = np.asarray(inpainted, dtype=np.float32)

@@ -37,7 +37,7 @@ OUTPUTS_VIDEO = [
 class RunOptions:
     """Everything that shapes a run (recorded in ``report.json``)."""
 
-    masker: str = "auto"  # "auto": "motion" for a video, "classical" for a single image
+    masker: str = "auto"  # "auto": "motion" for a video, "dustnet" (the shipped learned model) for a single image
     flat_method: str = "auto"  # "auto" | "motion" | "inpaint" (see run())
     motion_frames: int = 48  # frames used by the motion flat (evenly spaced)
     masker_options: dict[str, Any] = field(default_factory=dict)
@@ -205,14 +205,25 @@ def motion_route_flat(reference: np.ndarray, mask: np.ndarray, motion: Any, inpa
     frame border, the limb) the inpainted-median ratio; the two meet smoothly
     (:func:`aiflat_local.motion.blend_gains`). The flat builder's rules hold
     as for any gain: exactly 1.0 outside the soft mask. The motion mask already
-    reaches out to where the gain is 0.2 % from 1, so the soft mask is expanded
-    less (``options.motion_flat_params``, 3 px and sigma 1.5 by default: as
-    accurate as 10 px / 3 on the simulator, with more pixels exactly 1.0).
+    reaches out to where the gain is 0.2 % from 1, and the motion knows the
+    gain's noise, so the soft mask is not a fixed dilation inside the motion
+    support: within ``options.motion_flat_params.expand_px`` (3 px) of the
+    mask it follows the significance of the gain's departure from 1
+    (:func:`aiflat_local.motion.motion_soft_mask`: weight 0 below 2 sigma,
+    1 from 4 sigma), so pixels whose gain is indistinguishable from 1 stay
+    exactly 1.0. Outside the support (inpainted gain) it is the mask expanded
+    by ``expand_px`` and feathered by ``sigma_px`` (3 px, 1.5 px).
     """
-    from .motion import blend_gains
+    from .flat import soft_mask
+    from .motion import blend_gains, motion_soft_mask
 
+    params = options.motion_flat_params
     gain = blend_gains(motion.gain, motion.support, inpaint_flat.gain)
-    result = build_flat(reference, mask, gain=gain, params=options.motion_flat_params)
+    outside = soft_mask(mask, params.expand_px, params.sigma_px, params.weight_floor)
+    weight = motion_soft_mask(motion, mask, reach_px=params.expand_px, outside=outside)
+    result = build_flat(reference, mask, gain=gain, params=params, weight=weight)
+    result.stats["soft_mask"] = ("motion significance (z 2-4) within expand_px of the mask inside the motion "
+                                 "support; expand_px + sigma_px feather outside it")
     result.stats["gain_source"] = "motion (blended with reference/inpainted outside the motion support)"
     result.stats["motion_support_fraction"] = float(np.mean(motion.support))
     return result
@@ -267,7 +278,7 @@ def run(input_path: str | os.PathLike, outdir: str | os.PathLike, options: RunOp
     if options.flat_method not in ("auto", "motion", "inpaint"):
         raise InputError(f"flat method must be auto, motion or inpaint, not {options.flat_method!r}")
     if options.masker == "auto":
-        options = replace(options, masker="motion" if fmt == "ser" else "classical")
+        options = replace(options, masker="motion" if fmt == "ser" else "dustnet")
     if options.masker == "motion":
         options.masker_options.setdefault("max_frames", options.motion_frames)
     check_options(input_path, outdir, options)

@@ -134,6 +134,27 @@ def test_given_gain_path_and_argument_checks():
         FlatParams(min_gain=1.5)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_given_soft_mask_keeps_the_rules(seed):
+    """A soft mask computed elsewhere (the motion route's): exactly 1.0 where it is 0 or below the floor."""
+    clean, ref, true_flat, mask = random_case(seed)
+    rng = np.random.default_rng(seed)
+    weight = np.where(rng.random(ref.shape) < 0.3, rng.random(ref.shape), 0.0)
+    weight[0, :] = 0.5 * FlatParams().weight_floor  # below the floor: exactly 0
+    weight[0, 0] = -1.0  # clipped to 0
+    weight[1, 1] = 7.0  # clipped to 1
+    res = build_flat(ref, mask, gain=true_flat, weight=weight)
+    assert np.all(res.soft_mask[mask] == 1.0)
+    zero = (weight < FlatParams().weight_floor) & ~mask
+    assert np.all(res.flat[zero] == 1.0) and np.all(res.soft_mask[zero] == 0.0)
+    assert res.soft_mask[1, 1] == 1.0 and res.flat[1, 1] == pytest.approx(true_flat[1, 1])
+    assert res.stats["soft_mask"] == "given"
+    with pytest.raises(ValueError):
+        build_flat(ref, mask, gain=true_flat, weight=weight[:5])
+    with pytest.raises(ValueError):
+        build_flat(ref, mask, gain=true_flat, weight=np.full(ref.shape, np.nan))
+
+
 def test_empty_mask_gives_unity_flat():
     ref = np.random.default_rng(0).random((20, 20)).astype(np.float32)
     res = build_flat(ref, np.zeros((20, 20), bool), inpainted=ref)

@@ -149,6 +149,49 @@ def test_motion_flat_beats_the_single_median_flat(medium):
     json.dumps(mf.to_dict())
 
 
+def test_motion_soft_mask_leaves_insignificant_pixels_exactly_one(medium):
+    """The motion route's soft mask: 1 on the mask, 0 where the gain is indistinguishable from 1, as accurate."""
+    from aiflat_local.flat import FlatParams, expand_mask, soft_mask
+
+    scene, frames = medium
+    mf = M.motion_flat(frames)
+    mask, _ = M.evidence_mask(mf)
+    reference = np.median(frames, axis=0).astype(np.float32)
+    fixed = soft_mask(mask, 3, 1.5)
+    w = M.motion_soft_mask(mf, mask, reach_px=3, outside=fixed)
+    assert w.dtype == np.float32 and w.min() >= 0 and w.max() <= 1
+    assert np.all(w[mask] == 1.0)
+    trusted = ndimage.binary_erosion(mf.support, iterations=7)  # the support's own 6 px transition excluded
+    assert np.all(w[trusted & ~expand_mask(mask, 3)] == 0.0)
+    assert np.count_nonzero(w) < 0.9 * np.count_nonzero(fixed)
+    assert np.all(w[~mf.support] == np.maximum(fixed, mask)[~mf.support])
+    params = FlatParams(3, 1.5)
+    new = build_flat(reference, mask, gain=mf.gain, params=params, weight=w)
+    old = build_flat(reference, mask, gain=mf.gain, params=params)
+    assert np.all(new.flat[w == 0] == 1.0)
+    assert new.stats["fraction_exactly_one"] > old.stats["fraction_exactly_one"]
+    deep = np.isin(scene.dust_labels, [o["label"] for o in scene.dust_objects if o["depth"] > 0.1]) & mf.support
+    e_new = flat_error(new.flat, scene.true_flat, deep)["median"]
+    e_old = flat_error(old.flat, scene.true_flat, deep)["median"]
+    assert e_new < 0.004 and e_new <= e_old + 0.0005
+    with pytest.raises(ValueError):
+        M.motion_soft_mask(mf, mask[:10])
+
+
+def test_support_reaches_close_to_the_frame_edge(medium):
+    """The gain is trusted to ~5 px from the frame edge, and it is as accurate there (measured ~0.1 %)."""
+    scene, frames = medium
+    mf = M.motion_flat(frames)
+    h, w = mf.gain.shape
+    assert mf.support[h // 2, 6] and mf.support[h // 2, w - 7] and mf.support[6, w // 2] and mf.support[h - 7, w // 2]
+    band = np.zeros((h, w), bool)
+    band[4:-4, 4:-4] = True
+    band[9:-9, 9:-9] = False
+    band &= mf.support
+    assert band.sum() > 1000
+    assert np.median(np.abs(mf.gain[band] / scene.true_flat[band] - 1)) < 0.003
+
+
 def test_sunspot_only_video_gives_a_flat_of_exactly_one():
     """No dust: nothing is masked (sunspots and pores move with the Sun), so the flat is 1.0 everywhere."""
     scene, frames = _video(dust=False, n_sunspots=2, n_pores=5, seed=4)

@@ -532,13 +532,22 @@ class ClassicalMasker:
     def _register(self, img: np.ndarray, exclude: np.ndarray, frames: Any) -> dict[str, Any]:
         """Sun offset of up to ``motion_frames`` frames relative to the reference.
 
-        Band-pass cross-correlation on the central 512 x 512 px (sub-pixel,
-        *exclude* zeroed: the strongest dark spots, so dust does not pull the
-        estimate towards zero). Returns ``{"indices", "shifts" (n, 2),
-        "scales" (per-frame brightness factor to the reference), "get",
-        "info"}``; ``info["usable"]`` says whether the motion is large enough
-        (``motion_min_px`` rms) to tell dust from the Sun.
+        :func:`aiflat_local.motion.register_frames` (the motion flat's
+        registration: band-passed cross-correlation, then Gauss-Newton, on the
+        central 512 x 512 px) against the middle frame, one pass, *exclude*
+        left out (the strongest dark spots, so dust does not pull the estimate
+        towards zero); the shifts are then taken about their median. (Matching
+        the median image instead, as this masker once did with its own
+        correlation, is 10-100 times less accurate: the median is the Sun
+        smeared by the motion. Against a frame: 0.005-0.015 px rms on the
+        simulator, 480 x 640, 24 frames; against the median 0.06-0.3 px.) Returns
+        ``{"indices", "shifts" (n, 2), "scales" (per-frame brightness factor
+        to the median frame), "get", "binned", "info"}``; ``info["usable"]``
+        says whether the motion is large enough (``motion_min_px`` rms) to tell
+        dust from the Sun.
         """
+        from ..motion import register_frames
+
         n_total, get = _frame_source(frames)
         info: dict[str, Any] = {"usable": False, "n_frames_read": 0}
         out = {"info": info, "get": get}
@@ -547,26 +556,14 @@ class ClassicalMasker:
             return out
         idx = np.unique(np.linspace(0, n_total - 1, min(n_total, int(self.motion_frames)))
                         .round().astype(int))
-        h, w = img.shape
-        ch, cw = min(h, 512), min(w, 512)
-        y0, x0 = (h - ch) // 2, (w - cw) // 2
-        crop = (slice(y0, y0 + ch), slice(x0, x0 + cw))
-        ref_f = np.fft.rfft2(_bandpass(img[crop], exclude[crop]))
-        max_shift = max(2, min(ch, cw) // 4)
-        level = max(float(np.median(img[crop])), 1e-12)
-        shifts, scales, binned = [], [], []
-        fb = int(self.fixed_map_binning)
-        for i in idx:
-            f = get(int(i))
-            if f.shape != img.shape:
-                info["note"] = f"frame shape {f.shape} differs from the reference {img.shape}"
-                return out
-            shifts.append(_xcorr_shift(ref_f, _bandpass(f[crop], exclude[crop]), max_shift))
-            scales.append(level / max(float(np.median(f[crop])), 1e-12))
-            if fb > 0:
-                binned.append(_block_mean(f, fb) * np.float32(scales[-1]))
-        shifts = np.array(shifts)
-        shifts -= np.median(shifts, axis=0)
+        first = get(int(idx[0]))
+        if first.shape != img.shape:
+            info["note"] = f"frame shape {first.shape} differs from the reference {img.shape}"
+            return out
+        reg = register_frames(_FrameView(n_total, get, img.shape), frame_indices=idx, rounds=0, crop_px=512,
+                              exclude=exclude)
+        shifts = reg.shifts - np.median(reg.shifts, axis=0)
+        scales = np.exp(np.median(reg.offsets) - reg.offsets)
         spread = float(np.sqrt((shifts ** 2).sum(axis=1).mean()))
         info.update(n_frames_read=int(idx.size), shift_rms_px=round(spread, 3))
         if spread < self.motion_min_px:
@@ -574,8 +571,11 @@ class ClassicalMasker:
                             "solar features")
         else:
             info["usable"] = True
-        out.update(indices=idx, shifts=shifts, scales=np.array(scales),
-                   binned=np.stack(binned) if binned and info["usable"] else None)
+        binned = None
+        fb = int(self.fixed_map_binning)
+        if fb > 0 and info["usable"]:
+            binned = np.stack([_block_mean(get(int(i)), fb) * np.float32(sc) for i, sc in zip(idx, scales)])
+        out.update(indices=idx, shifts=shifts, scales=scales, binned=binned)
         return out
 
     def _motion_check(self, labels, cores, objects, reg, rejected, dropped):
@@ -831,39 +831,13 @@ def _frame_source(frames: Any):
     return n, get
 
 
-def _bandpass(img: np.ndarray, exclude: np.ndarray) -> np.ndarray:
-    """Relative band-pass (Gaussian 1.5 px over 8 px, minus 1), *exclude* zeroed, Hann-tapered.
+class _FrameView:
+    """The frames as :func:`aiflat_local.motion.register_frames` reads them (``get`` already mono, balanced)."""
 
-    The lower cut matters: a frame's pixel noise is partly inside the median
-    of the frames, which would pull a whitened correlation towards zero shift.
-    """
-    num = ndimage.gaussian_filter(img, 1.5)
-    den = _smooth(img, 8.0)
-    bp = np.clip(num / np.maximum(den, 1e-12) - 1.0, -0.5, 0.5)
-    bp[exclude] = 0.0
-    wy = np.hanning(img.shape[0])[:, None]
-    wx = np.hanning(img.shape[1])[None, :]
-    return (bp * wy * wx).astype(np.float32)
-
-
-def _xcorr_shift(ref_f: np.ndarray, img_bp: np.ndarray, max_shift: int) -> tuple[float, float]:
-    """Sub-pixel ``(dy, dx)`` such that ``img(x) ~ ref(x - d)``, by cross-correlation."""
-    corr = np.fft.irfft2(np.fft.rfft2(img_bp) * np.conj(ref_f), s=img_bp.shape)
-    corr = np.fft.fftshift(corr)
-    cy, cx = corr.shape[0] // 2, corr.shape[1] // 2
-    win = corr[cy - max_shift: cy + max_shift + 1, cx - max_shift: cx + max_shift + 1]
-    py, px = np.unravel_index(int(np.argmax(win)), win.shape)
-
-    def parabola(a, b, c):
-        den = a - 2 * b + c
-        return 0.0 if den >= 0 else 0.5 * (a - c) / den
-
-    dy = dx = 0.0
-    if 0 < py < win.shape[0] - 1:
-        dy = parabola(win[py - 1, px], win[py, px], win[py + 1, px])
-    if 0 < px < win.shape[1] - 1:
-        dx = parabola(win[py, px - 1], win[py, px], win[py, px + 1])
-    return py - max_shift + dy, px - max_shift + dx
+    def __init__(self, n_frames: int, get: Any, shape: tuple[int, int]) -> None:
+        self.n_frames = int(n_frames)
+        self.frame = get
+        self.height, self.width = int(shape[0]), int(shape[1])
 
 
 def _fourier_shifts(img: np.ndarray, shifts: np.ndarray) -> np.ndarray:
