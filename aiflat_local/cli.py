@@ -115,7 +115,7 @@ def cli() -> None:
               help="Output directory (created if missing).")
 @click.option("--masker", default="auto", show_default=True,
               help="Dust masker backend; auto = motion for a video (falls back to classical when the frames "
-                   "do not move), classical for an image.")
+                   "do not move), dustnet (the shipped learned model, weights/dustnet) for an image.")
 @click.option("--flat-method", type=click.Choice(["auto", "motion", "inpaint"]), default="auto", show_default=True,
               help="Video flats: from the frames' motion (auto: when they move enough) or from the inpainted median.")
 @click.option("--motion-frames", type=click.IntRange(min=2), default=48, show_default=True,
@@ -190,7 +190,9 @@ def reference(video, output, start, stop, step, max_memory_mb, quiet):
 @cli.command()
 @click.argument("image", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output PNG (255 = dust).")
-@click.option("--masker", default="classical", show_default=True)
+@click.option("--masker", default="dustnet", show_default=True,
+              help="Dust masker backend: dustnet (the shipped learned model, weights/dustnet, checksum "
+                   "verified), classical (no weights), sam, ...")
 @_backend_options
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 def mask(image, output, masker, masker_option, sam_model, device):
@@ -293,6 +295,25 @@ def demo(outdir, seed, quiet):
 
     summary = run_demo(outdir, seed=seed, progress=not quiet, log=_log)
     click.echo(summary)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+             add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def train(args):
+    """Train the dustnet masker from the simulator (`train --help` for the options).
+
+    The same command as `python -m aiflat_local.train`, with the same options:
+    `--out DIR` (required), `--tiny` (seconds; proves the code runs),
+    `--threads N`, `--recalibrate`, and every training setting. The shipped
+    model: `aiflat-local train --out weights/dustnet` (about 37 min on 2 cores).
+    """
+    from .train import main as train_main
+
+    try:
+        return train_main(list(args), prog="aiflat-local train")
+    except SystemExit as exc:  # argparse: --help (0) or a bad option (2, its message already printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
 
 
 @cli.group()

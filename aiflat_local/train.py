@@ -5,6 +5,7 @@
     python -m aiflat_local.train --out weights/dustnet            # the shipped model (37 min, 2 threads)
     python -m aiflat_local.train --out weights/dustnet --recalibrate   # threshold + held-out scores again
     python -m aiflat_local.train --out /tmp/tiny --tiny           # seconds: proves the code runs
+    aiflat-local train --out weights/dustnet                      # the same command, same options
 
 No real image is ever used: every training image comes from
 :mod:`aiflat_local.synth` with simulator seeds ``>= TRAIN_SEED_BASE``; the
@@ -868,9 +869,18 @@ def _jsonable(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- command line
-def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, Path, bool]:
+PROG = "python -m aiflat_local.train"
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str = PROG) -> tuple[TrainConfig, Path, bool]:
+    """Command-line options -> ``(config, output directory, recalibrate?)``.
+
+    Every :class:`TrainConfig` field is an option (``--n-scenes``,
+    ``--channels 12 20 32 48``, ...); ``--tiny`` starts from :data:`TINY`.
+    Shared by ``python -m aiflat_local.train`` and ``aiflat-local train``.
+    """
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m aiflat_local.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path, help="output directory (model.safetensors, card.json)")
     p.add_argument("--tiny", action="store_true", help="a tiny configuration that runs in seconds (tests)")
     p.add_argument("--recalibrate", action="store_true",
@@ -889,9 +899,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, Path, bo
     return replace(cfg, **given), args.out, args.recalibrate
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    cfg, out, again = parse_args(argv)
-    command = "python -m aiflat_local.train " + " ".join(sys.argv[1:] if argv is None else argv)
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Train (or ``--recalibrate``) from command-line arguments; returns the exit status.
+
+    *prog* names the command in the help text and in the model card's
+    ``command`` (``aiflat-local train`` passes its own name).
+    """
+    cfg, out, again = parse_args(argv, prog)
+    command = prog + " " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         cfg.validate()
     except ValueError as exc:

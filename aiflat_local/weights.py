@@ -72,13 +72,17 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+SHIPPED_DIRECTORY = Path(__file__).resolve().parent.parent / "weights"  # the repository's weights/ (dustnet)
+
+
 def default_directory() -> Path:
+    """``$AIFLAT_WEIGHTS``, else ``./weights`` when it exists, else the repository's ``weights/``."""
     env = os.environ.get("AIFLAT_WEIGHTS")
     if env:
         return Path(env)
     if Path("weights").is_dir():
         return Path("weights")
-    return Path(__file__).resolve().parent.parent / "weights"
+    return SHIPPED_DIRECTORY
 
 
 class WeightStore:

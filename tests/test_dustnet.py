@@ -149,8 +149,9 @@ def test_shipped_weights_invariant_to_units_and_8bit(shipped, held_out_scene):
     eight = np.clip(np.rint(reference / np.percentile(reference, 99) * 200), 0, 255).astype(np.float32)
     c = shipped(eight).binary
     deep = np.isin(scene.dust_labels, [o["label"] for o in scene.dust_objects if o["depth"] > 0.1])
-    # 8-bit quantisation (about 0.5 % steps): the deep dust is still covered
-    assert np.count_nonzero(c & deep) >= 0.85 * np.count_nonzero(deep)
+    # 8-bit quantisation (about 0.5 % steps): the deep dust is still covered, nearly as by the float image
+    # (the mask is narrowed to extent_threshold, so neither covers all of the 1 % extent)
+    assert np.count_nonzero(c & deep) >= 0.9 * np.count_nonzero(a & deep) >= 0.7 * np.count_nonzero(deep)
 
 
 def test_shipped_tiled_equals_untiled(shipped, held_out_scene):
@@ -170,6 +171,134 @@ def test_shipped_tiled_equals_untiled(shipped, held_out_scene):
     assert np.abs(tiled - whole).max() < 0.6
     cut = np.log(shipped.threshold / (1 - shipped.threshold))
     assert np.count_nonzero((whole >= cut) != (tiled >= cut)) <= 1e-3 * whole.size
+
+
+def _iou_deep(mask, scene):
+    from aiflat_local.train import score_mask
+
+    return score_mask(mask, scene)["iou_deep"]
+
+
+def test_extent_threshold_and_frames_refine_the_extent(shipped, held_out_video):
+    """Narrowing to extent_threshold, then measuring the extent from the frames, improves the IoU.
+
+    The same detections (and the same recall) with or without; the numbers
+    on the validation seeds are in the masker's documentation.
+    """
+    from aiflat_local.metrics import recall_by_depth_detail
+
+    frames, reference, scene = held_out_video
+    raw = MASKERS.create("dustnet", extent_threshold=None, refine_with_frames=False)
+    depth = {o["label"]: o["depth"] for o in scene.dust_objects}
+    for with_frames in (False, True):
+        f = frames if with_frames else None
+        before, after = raw(reference, frames=f), shipped(reference, frames=f)
+        assert _iou_deep(after.binary, scene) > _iou_deep(before.binary, scene) + 0.02
+        for r in (before, after):
+            assert recall_by_depth_detail(r.binary, scene.dust_labels, depth, 0.10)["found"] == sum(
+                d > 0.10 for d in depth.values())
+        assert after.params["refine"]["used"] is with_frames
+        assert after.params["extent_threshold"] == 0.95 and after.params["refine_depth"] == 0.01
+    # the frames' extent is closer to the truth than the narrowed detection alone
+    alone = shipped(reference)
+    assert _iou_deep(shipped(reference, frames=frames).binary, scene) > _iou_deep(alone.binary, scene)
+
+
+def test_extent_mask_never_drops_an_object():
+    from aiflat_local.masks.dustnet import extent_mask
+
+    labels = np.zeros((20, 30), np.int32)
+    labels[2:8, 2:8] = 1
+    labels[10:16, 20:26] = 2
+    logits = np.full(labels.shape, -5.0, np.float32)
+    logits[2:8, 2:8] = 1.0
+    logits[4:6, 4:6] = 4.0  # object 1: a core above the cut
+    logits[10:16, 20:26] = 1.5
+    logits[12, 22] = 2.0  # object 2: nothing above the cut; within 1 logit of its peak: all of it
+    logits[13, 23] = 0.8  # ... but this pixel (1.2 below the peak)
+    out = extent_mask(labels, logits, cut=3.0)
+    assert np.array_equal(np.argwhere(out[:9]), np.argwhere(logits[:9] >= 3.0))
+    assert out[10:16, 20:26].sum() == 35 and not out[13, 23]
+    assert not out[labels == 0].any()
+
+
+def test_refine_with_frames_finds_the_true_extent(rng):
+    """A shadow on the sensor under a moving textured Sun: the frames give its extent to the pixel."""
+    from scipy import ndimage
+
+    from aiflat_local.masks.dustnet import Registration, refine_with_frames, sensor_attenuation
+
+    h, w, n = 64, 64, 12
+    sun = 1000 * (1 + 0.06 * ndimage.gaussian_filter(rng.standard_normal((h + 20, w + 20)), 1.5) / 0.2)
+    yy, xx = np.mgrid[:h, :w]
+    r = np.hypot(yy - 32, xx - 30)
+    flat = np.where(r < 6, 0.7, np.where(r < 8, 1 - 0.3 * (8 - r) / 2, 1.0)).astype(np.float32)
+    shifts = np.column_stack([3 * np.sin(np.arange(n)), 3 * np.cos(1.3 * np.arange(n))])
+    shifts -= np.median(shifts, axis=0)
+    stack = np.stack([ndimage.shift(sun, d, order=3)[10:10 + h, 10:10 + w] * flat for d in shifts]).astype(np.float32)
+    truth = np.abs(flat - 1) > 0.01
+    att = sensor_attenuation(stack, shifts)
+    inner = (r > 12) & (np.minimum(yy, xx) > 6) & (np.maximum(yy, xx) < 58)  # away from the patch border
+    assert np.percentile(np.abs(att - flat)[inner], 99) < 0.01  # the 6 % texture is divided out
+    detection = (r < 5.5).astype(np.int32)  # the network's detection: smaller than the shadow
+    reg = Registration(stack, shifts, np.arange(n), float(np.sqrt((shifts ** 2).sum(1).mean())))
+    out, info = refine_with_frames(detection, detection > 0, reg, depth=0.01, grow_px=3)
+    assert np.count_nonzero(out ^ truth) <= 0.1 * truth.sum() and info["pixels_added"] > 0
+    assert np.count_nonzero(out & ~truth) <= 4
+    # no dust under a detection (a flat of 1): the detection is kept, never dropped
+    clean = stack / flat
+    out, _ = refine_with_frames(detection, detection > 0, Registration(clean, shifts, np.arange(n), 2.0))
+    assert out[detection > 0].all()
+
+
+def test_default_masker_for_images_is_dustnet(tmp_path, cli, small_video):
+    """`run` and `mask` on a single image use the shipped dustnet model; videos keep the motion masker."""
+    from aiflat_local.io import write_fits
+    from aiflat_local.io.ser import SerReader
+    from aiflat_local.pipeline import RunOptions
+
+    assert RunOptions().masker == "auto"
+    with SerReader(small_video.video) as reader:
+        write_fits(tmp_path / "img.fits", reader.frame(0))
+    code, _, err = cli("run", tmp_path / "img.fits", "-o", tmp_path / "out", "--quiet")
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["mask"]["backend"] == "dustnet" and report["parameters"]["masker"] == "dustnet"
+    assert len(report["mask"]["params"]["sha256"]) == 64
+    code, _, err = cli("mask", tmp_path / "img.fits", "-o", tmp_path / "m.png")
+    assert code == 0 and "dust pixels" in err
+
+
+def test_default_masker_with_corrupted_weights_is_one_line(tmp_path, cli, monkeypatch):
+    from aiflat_local.io import write_fits
+
+    store, _ = _tiny_store(tmp_path)
+    weights = store / "dustnet" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"x")
+    monkeypatch.setenv("AIFLAT_WEIGHTS", str(store))
+    write_fits(tmp_path / "img.fits", np.full((32, 32), 100.0, np.float32))
+    for args in (("run", tmp_path / "img.fits", "-o", tmp_path / "out", "--quiet"),
+                 ("mask", tmp_path / "img.fits", "-o", tmp_path / "m.png")):
+        code, _, err = cli(*args)
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and "corrupted" in lines[0] and "model.safetensors" in lines[0], err
+    assert not (tmp_path / "m.png").exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_user_store_without_dustnet_falls_back_to_the_shipped_model(tmp_path, monkeypatch):
+    """$AIFLAT_WEIGHTS (or ./weights) holding only the user's own models must not break the image default."""
+    from aiflat_local.weights import SHIPPED_DIRECTORY, sha256_file
+
+    store = tmp_path / "mine"
+    store.mkdir()
+    (store / "manifest.json").write_text(json.dumps({"format": 1, "models": []}))
+    monkeypatch.setenv("AIFLAT_WEIGHTS", str(store))
+    masker = MASKERS.create("dustnet")
+    assert masker.directory.resolve() == (SHIPPED_DIRECTORY / "dustnet").resolve()
+    assert masker.sha256 == sha256_file(SHIPPED_DIRECTORY / "dustnet" / "model.safetensors")
+    with pytest.raises(WeightsError, match="unknown model"):  # an explicit store is taken at its word
+        MASKERS.create("dustnet", weights_dir=str(store))
 
 
 # --------------------------------------------------------------------------- loading code, tiny models
@@ -265,15 +394,24 @@ def test_prepare_input_is_unit_free(rng):
 
 
 # --------------------------------------------------------------------------- training entry point
-def test_train_runs_two_steps_on_a_tiny_config(tmp_path):
+def test_train_runs_two_steps_on_a_tiny_config(tmp_path, cli):
+    """`aiflat-local train` is `python -m aiflat_local.train` (same parser, same code)."""
     from aiflat_local import train
 
+    code, out_text, err = cli("train", "--help")
+    assert code == 0 and "usage: aiflat-local train" in out_text and "--n-scenes" in out_text, err
+    code, _, err = cli("train", "--out", tmp_path / "bad", "--tiny", "--eval-seeds", "100")
+    assert code == 2 and "must differ" in err  # held-out = validation seed: one line, nothing trained
+    assert not (tmp_path / "bad").exists()
     out = tmp_path / "model"
-    assert train.main(["--out", str(out), "--tiny"]) == 0
+    code, _, err = cli("train", "--out", out, "--tiny")
+    assert code == 0, err
     card = json.loads((out / "card.json").read_text())
     assert card["train_config"]["steps"] == 2 and card["seed"] == train.TrainConfig().seed
+    assert card["command"].startswith("aiflat-local train --out")
     masker = MASKERS.create("dustnet", model=str(out))
     assert masker(np.full((40, 40), 7.0, np.float32)).mask.shape == (40, 40)
+    assert train.parse_args(["--out", "x", "--tiny", "--channels", "4", "8"])[0].channels == (4, 8)
 
 
 def test_training_scenes_are_reproducible_and_held_out():

@@ -1,6 +1,6 @@
 """The ``dustnet`` masker: a small learned dust segmenter that ships with aiflat-local.
 
-A compact U-Net (about 0.5 M parameters, 2 MB of weights in
+A compact U-Net (about 107 k parameters, 0.44 MB of weights in
 ``weights/dustnet/``) trained only on the project's physical simulator by
 :mod:`aiflat_local.train`; no download, no network. The reference image is
 normalised by its own large-scale background (:func:`~aiflat_local.masks._dustnet_model.prepare_input`),
@@ -9,15 +9,21 @@ runs on tiles that overlap and are blended (no seams), on the CPU or a CUDA
 GPU, in float32 (or float16 on a GPU). torch and safetensors are imported only
 when the masker is built.
 
-With the video's frames, mask objects whose shape moves with the Sun (pores
-and small sunspots, which in one median image can look exactly like dust)
-are dropped (:func:`motion_filter`).
+Objects are detected where the probability reaches ``threshold``; each
+object's extent is then narrowed to where the probability reaches
+``extent_threshold`` (:func:`extent_mask`; the network's boundary is a little
+generous). With the video's frames, mask objects whose shape moves with the
+Sun (pores and small sunspots, which in one median image can look exactly
+like dust) are dropped (:func:`motion_filter`), and the extent of each
+remaining object is measured from the frames (:func:`refine_with_frames`: the
+eye says where, physics says how far).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +100,30 @@ class DustNetMasker:
         at least and mostly above 1.
     motion_min_px : float
         Below this rms motion of the Sun (px) the frames cannot tell, and
-        nothing is dropped (said in ``params["motion"]``).
+        nothing is dropped nor refined (said in ``params["motion"]``).
+    extent_threshold : float or None
+        Each detected object keeps only its pixels whose probability is at
+        least this (an object with none keeps the pixels within 1 logit of
+        its peak, so no detection is lost); None or a value <= *threshold*:
+        the detection as it is. 0.95 was chosen on validation seeds 100-105
+        (not the held-out ones): from the median alone, IoU with dust deeper
+        than 10 % 0.615 -> 0.661 at threshold 0.8, recall and dark features
+        unchanged (a side effect: the real case's IoU with its cloud mask
+        rose from 0.164 to 0.220, recall unchanged).
+    refine_with_frames : bool
+        With the frames (and enough motion), measure each kept object's
+        extent from the video (:func:`refine_with_frames`): the pixels within
+        *refine_grow_px* of the detection whose sensor-fixed attenuation is
+        deeper than *refine_depth*, connected to the detection, plus its
+        pixels above *extent_threshold*. On validation seeds 100-105 with the
+        frames: IoU 0.722 -> 0.789, recall 0.982 and dark features masked
+        0.021 unchanged.
+    refine_depth : float
+        Attenuation (fraction, 0.01 = 1 %) from which a pixel is dust: the
+        same 1 % rule that defines a shadow's true extent in the simulator.
+    refine_grow_px : int
+        How far (px, city-block distance) the frames may grow an object beyond
+        the network's detection.
     """
 
     name = "dustnet"
@@ -102,7 +131,9 @@ class DustNetMasker:
     def __init__(self, model: str = "dustnet", device: str = "cpu", dtype: str = "float32",
                  threshold: float | None = None, tile: int = 512, overlap: int = 96,
                  weights_dir: str | None = None, motion_frames: int = 16,
-                 max_sun_coupling: float = 0.85, motion_min_px: float = 0.7) -> None:
+                 max_sun_coupling: float = 0.85, motion_min_px: float = 0.7,
+                 extent_threshold: float | None = 0.95, refine_with_frames: bool = True,
+                 refine_depth: float = 0.01, refine_grow_px: int = 2) -> None:
         from . import _dustnet_model as dm
 
         self.device = _check_device(device)
@@ -114,6 +145,15 @@ class DustNetMasker:
         self.tile, self.overlap = int(tile), int(overlap)
         self.motion_frames, self.max_sun_coupling = int(motion_frames), float(max_sun_coupling)
         self.motion_min_px = float(motion_min_px)
+        if extent_threshold is not None and not 0.0 < float(extent_threshold) < 1.0:
+            raise BackendError(f"dustnet extent_threshold must be in (0, 1) or None, got {extent_threshold}")
+        if not 0.0 < float(refine_depth) < 1.0:
+            raise BackendError(f"dustnet refine_depth must be in (0, 1), got {refine_depth}")
+        if int(refine_grow_px) < 0:
+            raise BackendError(f"dustnet refine_grow_px must be >= 0, got {refine_grow_px}")
+        self.extent_threshold = None if extent_threshold is None else float(extent_threshold)
+        self.refine_with_frames, self.refine_depth = bool(refine_with_frames), float(refine_depth)
+        self.refine_grow_px = int(refine_grow_px)
         self.model_name = str(model)
         self.directory, self.sha256 = self._locate(self.model_name, weights_dir)
         self.card = self._read_card(self.directory)
@@ -124,7 +164,7 @@ class DustNetMasker:
     @staticmethod
     def _locate(model: str, weights_dir: str | None) -> tuple[Path, str]:
         """Model directory and the sha256 of its weights file (verified against the store when named)."""
-        from ..weights import WeightStore, sha256_file
+        from ..weights import SHIPPED_DIRECTORY, WeightStore, sha256_file
         from ._dustnet_model import WEIGHTS_FILE
 
         path = Path(model).expanduser()
@@ -136,6 +176,11 @@ class DustNetMasker:
         if any(sep in model for sep in ("/", "\\")) or model.endswith(".safetensors"):
             raise WeightsError(f"{model}: no such model directory")
         store = WeightStore(weights_dir)
+        if model not in store.models and weights_dir is None:
+            # a user store ($AIFLAT_WEIGHTS, ./weights) without the shipped model: use the shipped one
+            shipped = WeightStore(SHIPPED_DIRECTORY)
+            if model in shipped.models:
+                store = shipped
         entry = store.entry(model)
         if entry.get("kind") != KIND:
             raise WeightsError(f"model {model!r} is a {entry.get('kind')!r} model, not a {KIND} model")
@@ -162,7 +207,9 @@ class DustNetMasker:
                 "sha256": self.sha256, "device": self.device, "dtype": self.dtype,
                 "threshold": self.threshold, "tile": self.tile, "overlap": self.overlap,
                 "motion_frames": self.motion_frames, "max_sun_coupling": self.max_sun_coupling,
-                "motion_min_px": self.motion_min_px, "architecture": self.net.config.to_dict()}
+                "motion_min_px": self.motion_min_px, "extent_threshold": self.extent_threshold,
+                "refine_with_frames": self.refine_with_frames, "refine_depth": self.refine_depth,
+                "refine_grow_px": self.refine_grow_px, "architecture": self.net.config.to_dict()}
 
     # ------------------------------------------------------------------ inference
     def probability(self, reference: np.ndarray) -> np.ndarray:
@@ -203,36 +250,78 @@ class DustNetMasker:
         Returns
         -------
         MaskResult
-            ``mask`` float32 0/1 (1 = dust, probability >= threshold);
+            ``mask`` float32 0/1 (1 = dust: objects detected at ``threshold``,
+            their extent narrowed by ``extent_threshold`` or, with frames,
+            measured by :func:`refine_with_frames`);
             ``objects`` (8-connected): ``label``, ``y``, ``x`` (centroid, px),
             ``area``, ``diameter`` (equivalent, px), ``score`` (peak
             probability), ``bbox`` ``[y0, x0, y1, x1]`` (and ``sun_coupling``
-            with frames); ``params`` with the model, its sha256, device,
-            dtype, threshold, tiling, the motion check and the run time.
+            with frames: the highest of the detections it came from);
+            ``params`` with the model, its sha256, device, dtype, thresholds,
+            tiling, the motion check, the refinement and the run time.
         """
         t0 = time.perf_counter()
         logits = self.logits(reference)
         cut = math.log(self.threshold / (1.0 - self.threshold))
-        mask = logits >= cut
+        detected = logits >= cut
+        labels, n = ndimage.label(detected, structure=_EIGHT)
         motion: dict[str, Any] = {"used": False}
+        refine: dict[str, Any] = {"used": False}
         coupling: dict[int, float] = {}
-        if frames is not None and self.motion_frames > 0 and mask.any():
-            labels, n = ndimage.label(mask, structure=_EIGHT)
-            keep, coupling, motion = motion_filter(labels, n, frames, n_frames=self.motion_frames,
-                                                   max_coupling=self.max_sun_coupling,
+        registration = None
+        if frames is not None and self.motion_frames > 0 and n:
+            registration, motion = register_frames(frames, labels, n_frames=self.motion_frames,
                                                    min_rms_px=self.motion_min_px)
-            mask = keep[labels]
-            coupling = {int(k): c for k, c in coupling.items()}
-            if motion.get("used"):  # renumber: _objects labels the kept mask again
-                relabel, _ = ndimage.label(mask, structure=_EIGHT)
-                coupling = {int(relabel[labels == k].max()): c for k, c in coupling.items() if keep[k]}
+            if registration is not None:
+                keep, coupling, motion = motion_filter(labels, n, frames, n_frames=self.motion_frames,
+                                                       max_coupling=self.max_sun_coupling,
+                                                       min_rms_px=self.motion_min_px, registration=registration)
+                labels = np.where(keep[labels], labels, 0)
+        mask = labels > 0
+        ext_cut = None
+        if self.extent_threshold is not None and self.extent_threshold > self.threshold:
+            ext_cut = math.log(self.extent_threshold / (1.0 - self.extent_threshold))
+            mask = extent_mask(labels, logits, ext_cut)
+        if registration is not None and self.refine_with_frames and mask.any():
+            mask, refine = refine_with_frames(labels, mask, registration, depth=self.refine_depth,
+                                              grow_px=self.refine_grow_px)
         objects = _objects(mask, logits)
-        for ob in objects:
-            if ob["label"] in coupling:
-                ob["sun_coupling"] = round(coupling[ob["label"]], 3)
+        if coupling:  # each final object: the highest coupling of the detections it overlaps
+            final, _ = ndimage.label(mask, structure=_EIGHT)
+            both = (final > 0) & (labels > 0)
+            per_object: dict[int, float] = {}
+            for f_id, d_id in set(zip(final[both].tolist(), labels[both].tolist())):
+                if d_id in coupling:
+                    per_object[f_id] = max(coupling[d_id], per_object.get(f_id, -math.inf))
+            for ob in objects:
+                if ob["label"] in per_object:
+                    ob["sun_coupling"] = round(float(per_object[ob["label"]]), 3)
         params = self.params()
-        params.update(n_objects=len(objects), motion=motion, seconds=round(time.perf_counter() - t0, 3))
+        params.update(n_objects=len(objects), motion=motion, refine=refine,
+                      seconds=round(time.perf_counter() - t0, 3))
         return MaskResult(mask.astype(np.float32), params, objects)
+
+
+def extent_mask(labels: np.ndarray, logits: np.ndarray, cut: float) -> np.ndarray:
+    """Each object of *labels* narrowed to its pixels with ``logits >= cut``; never emptied.
+
+    An object without such a pixel keeps its pixels within 1 logit of its
+    own peak. Returns a boolean ``(H, W)`` mask inside ``labels > 0``.
+    """
+    inside = labels > 0
+    out = inside & (logits >= cut)
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return out
+    ids = np.arange(1, n + 1)
+    present = ndimage.maximum(inside, labels, index=ids).astype(bool)
+    covered = ndimage.maximum(out, labels, index=ids).astype(bool)
+    lost = ids[present & ~covered]
+    if lost.size:
+        peak = np.full(n + 1, np.inf, np.float32)
+        peak[ids] = ndimage.maximum(logits, labels, index=ids)
+        out |= inside & np.isin(labels, lost) & (logits >= peak[labels] - 1.0)
+    return out
 
 
 def _objects(mask: np.ndarray, logits: np.ndarray) -> list[dict[str, Any]]:
@@ -338,40 +427,58 @@ def _sun_coupling(stack: np.ndarray, shifts: np.ndarray, support: np.ndarray, sm
         return 0.0
 
 
-def motion_filter(labels: np.ndarray, n_labels: int, frames: Any, *, n_frames: int = 16,
-                  max_coupling: float = 0.85, min_rms_px: float = 0.7
-                  ) -> tuple[np.ndarray, dict[int, float], dict[str, Any]]:
-    """Tell dust (fixed to the sensor) from solar features (moving with the Sun) using the frames.
+@dataclass
+class Registration:
+    """Evenly spaced frames of a video and the Sun's motion in them.
 
-    Up to *n_frames* evenly spaced frames are registered on a central crop
-    (<= 512 px; band-passed cross-correlation, the mask objects left out),
-    then for each object of *labels* the frames around it give its
-    :func:`_sun_coupling`. Objects above *max_coupling* are dropped.
-
-    Returns ``(keep, coupling, info)``: boolean per label (index 0 unused),
-    the coupling per tested label, and what was done (``used``,
-    ``n_frames_read``, ``shift_rms_px``, ``n_dropped``, or a ``note`` saying
-    why nothing was tested).
+    Attributes
+    ----------
+    stack : numpy.ndarray
+        float32 ``(n, H, W)``: the frames, sensor orientation, as
+        :func:`_frame_source` gives them.
+    shifts : numpy.ndarray
+        ``(n, 2)`` ``(dy, dx)`` px, median-centred: frame ``k`` shows the Sun
+        at ``x - shifts[k]`` of where their median shows it.
+    indices : numpy.ndarray
+        The frame numbers read.
+    rms_px : float
+        Root-mean-square of the shifts (px).
     """
-    keep = np.ones(n_labels + 1, bool)
-    keep[0] = False
+
+    stack: np.ndarray
+    shifts: np.ndarray
+    indices: np.ndarray
+    rms_px: float
+
+
+def register_frames(frames: Any, labels: np.ndarray, *, n_frames: int = 16, min_rms_px: float = 0.7
+                    ) -> tuple[Registration | None, dict[str, Any]]:
+    """Read up to *n_frames* evenly spaced frames and measure the Sun's motion.
+
+    The frames are registered on a central crop (<= 512 px; band-passed
+    cross-correlation, the objects of *labels* left out). Returns
+    ``(registration, info)``; the registration is None (and ``info["note"]``
+    says why) with fewer than 3 frames, frames of another shape than
+    *labels*, or an rms motion below *min_rms_px* (the frames cannot tell
+    dust from the Sun then).
+    """
     info: dict[str, Any] = {"used": False}
     n_total, get = _frame_source(frames)
-    if n_total < 3 or n_labels == 0:
-        info["note"] = "fewer than 3 frames" if n_total < 3 else "no object"
-        return keep, {}, info
+    if n_total < 3:
+        info["note"] = "fewer than 3 frames"
+        return None, info
     idx = np.unique(np.linspace(0, n_total - 1, min(n_total, max(3, n_frames))).round().astype(int))
     first = get(int(idx[0]))
     if first.shape != labels.shape:
         info["note"] = f"frame shape {first.shape} differs from the reference {labels.shape}"
-        return keep, {}, info
+        return None, info
     h, w = labels.shape
     ch, cw = min(h, 512), min(w, 512)
     y0, x0 = (h - ch) // 2, (w - cw) // 2
     crop = (slice(y0, y0 + ch), slice(x0, x0 + cw))
     exclude = ndimage.binary_dilation(labels[crop] > 0, iterations=4)
-    stack = [first] + [get(int(i)) for i in idx[1:]]
-    ref_img = np.median(np.stack([f[crop] for f in stack]), axis=0)
+    stack = np.stack([first] + [get(int(i)) for i in idx[1:]])
+    ref_img = np.median(stack[:, crop[0], crop[1]], axis=0)
     ref_f = np.fft.rfft2(_bandpass(ref_img, exclude))
     max_shift = max(2, min(ch, cw) // 4)
     shifts = np.array([_xcorr_shift(ref_f, _bandpass(f[crop], exclude), max_shift) for f in stack])
@@ -380,18 +487,56 @@ def motion_filter(labels: np.ndarray, n_labels: int, frames: Any, *, n_frames: i
     info.update(n_frames_read=len(idx), shift_rms_px=round(rms, 3))
     if rms < min_rms_px:
         info["note"] = f"too little motion ({rms:.2f} px rms) to tell dust from solar features"
-        return keep, {}, info
+        return None, info
+    return Registration(stack, shifts, idx, rms), info
+
+
+def _object_patch(stack: np.ndarray, sl: tuple[slice, slice], reach: int) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """The frames around one object (bounding box *sl* grown by *reach*), brought to a common level."""
+    h, w = stack.shape[1:]
+    ya, yb = max(sl[0].start - reach, 0), min(sl[0].stop + reach, h)
+    xa, xb = max(sl[1].start - reach, 0), min(sl[1].stop + reach, w)
+    patch = stack[:, ya:yb, xa:xb].astype(np.float32)
+    level = np.median(patch, axis=(1, 2), keepdims=True)
+    patch = patch * (np.median(level) / np.maximum(level, 1e-12))  # transparency changes
+    return patch, (slice(ya, yb), slice(xa, xb))
+
+
+def motion_filter(labels: np.ndarray, n_labels: int, frames: Any, *, n_frames: int = 16,
+                  max_coupling: float = 0.85, min_rms_px: float = 0.7,
+                  registration: Registration | None = None
+                  ) -> tuple[np.ndarray, dict[int, float], dict[str, Any]]:
+    """Tell dust (fixed to the sensor) from solar features (moving with the Sun) using the frames.
+
+    Up to *n_frames* evenly spaced frames are registered
+    (:func:`register_frames`; or *registration*, already made for these
+    *labels*, is used and *frames* is not read), then for each object of
+    *labels* the frames around it give its :func:`_sun_coupling`. Objects
+    above *max_coupling* are dropped.
+
+    Returns ``(keep, coupling, info)``: boolean per label (index 0 unused),
+    the coupling per tested label, and what was done (``used``,
+    ``n_frames_read``, ``shift_rms_px``, ``n_dropped``, or a ``note`` saying
+    why nothing was tested).
+    """
+    keep = np.ones(n_labels + 1, bool)
+    keep[0] = False
+    if n_labels == 0:
+        return keep, {}, {"used": False, "note": "no object"}
+    if registration is None:
+        registration, info = register_frames(frames, labels, n_frames=n_frames, min_rms_px=min_rms_px)
+        if registration is None:
+            return keep, {}, info
+    reg = registration
+    info = {"used": False, "n_frames_read": len(reg.indices), "shift_rms_px": round(reg.rms_px, 3)}
+    stack, shifts = reg.stack, reg.shifts
     reach = int(np.ceil(2 * np.abs(shifts).max())) + 4
     coupling: dict[int, float] = {}
     for k, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None:
             continue
-        ya, yb = max(sl[0].start - reach, 0), min(sl[0].stop + reach, h)
-        xa, xb = max(sl[1].start - reach, 0), min(sl[1].stop + reach, w)
-        patch = np.stack([f[ya:yb, xa:xb] for f in stack])
-        level = np.median(patch, axis=(1, 2), keepdims=True)
-        patch = patch * (np.median(level) / np.maximum(level, 1e-12))  # transparency changes
-        own = labels[ya:yb, xa:xb] == k
+        patch, win = _object_patch(stack, sl, reach)
+        own = labels[win] == k
         support = ndimage.binary_dilation(own, iterations=2)
         diameter = 2.0 * np.sqrt(own.sum() / np.pi)
         c = _sun_coupling(patch, shifts, support, max(1.0, 0.15 * diameter))
@@ -400,3 +545,59 @@ def motion_filter(labels: np.ndarray, n_labels: int, frames: Any, *, n_frames: i
             keep[k] = False
     info.update(used=True, n_tested=len(coupling), n_dropped=int(np.count_nonzero(~keep[1:])))
     return keep, coupling, info
+
+
+def sensor_attenuation(patch: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """What stays on the sensor in a stack of frames: ``median / (the Sun alone, moved as in the frames)``.
+
+    Frame ``k`` is ``sun(x - d_k) * flat(x)``. Aligned on the Sun and
+    median-combined, the frames give the Sun with the (moving) dust rejected;
+    moved back by each ``d_k`` and median-combined again it is what the
+    frames' median would be without dust. The ratio estimates ``flat``
+    (1.0 = no dust) with the solar texture divided out. *patch*: float32
+    ``(n, h, w)``; *shifts*: ``(n, 2)`` as in :class:`Registration`.
+    Returns float32 ``(h, w)``.
+    """
+    aligned = np.stack([ndimage.shift(f, -d, order=1, mode="nearest") for f, d in zip(patch, shifts)])
+    sun = np.median(aligned, axis=0)
+    clean = np.median(np.stack([ndimage.shift(sun, d, order=1, mode="nearest") for d in shifts]), axis=0)
+    return (np.median(patch, axis=0) / np.maximum(clean, 1e-12)).astype(np.float32)
+
+
+def refine_with_frames(labels: np.ndarray, core: np.ndarray, registration: Registration, *,
+                       depth: float = 0.01, grow_px: int = 2) -> tuple[np.ndarray, dict[str, Any]]:
+    """Each object's extent measured from the frames: the eye says where, physics says how far.
+
+    For each object of *labels* (the kept detections), the frames around it
+    give the sensor-fixed attenuation (:func:`sensor_attenuation`). Its new
+    extent: the pixels within *grow_px* (8-connected steps) of the detection
+    (city-block distance) that are darker than ``1 - depth`` there, together with the detection's
+    *core* pixels (e.g. :func:`extent_mask`), the parts connected to the
+    detection, holes filled. An object whose new extent would be empty keeps
+    its *core* (or, without one, the detection): nothing is ever dropped.
+
+    Returns ``(mask, info)``: boolean ``(H, W)``; ``info`` with ``used``,
+    ``pixels_added`` and ``pixels_removed`` (against *core*).
+    """
+    stack, shifts = registration.stack, registration.shifts
+    reach = int(np.ceil(np.abs(shifts).max())) + grow_px + 4
+    out = np.zeros(labels.shape, bool)
+    for k, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        patch, win = _object_patch(stack, sl, reach)
+        own = labels[win] == k
+        flat = sensor_attenuation(patch, shifts)
+        near = ndimage.binary_dilation(own, iterations=grow_px) if grow_px else own  # city-block distance
+        cand = ((flat < 1.0 - depth) & near) | (own & core[win])
+        parts, _ = ndimage.label(cand, structure=_EIGHT)
+        ids = np.unique(parts[own])
+        region = np.isin(parts, ids[ids > 0])
+        if region.any():
+            region = ndimage.binary_fill_holes(region)
+        else:
+            region = own & core[win] if (own & core[win]).any() else own
+        out[win] |= region
+    info = {"used": True, "depth": depth, "grow_px": grow_px,
+            "pixels_added": int(np.count_nonzero(out & ~core)), "pixels_removed": int(np.count_nonzero(core & ~out))}
+    return out, info
