@@ -63,7 +63,6 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from ..errors import InputError
 from ..inpaint.harmonic import HarmonicInpainter
 from .base import MASKERS, MaskResult, prepare_reference
 
@@ -532,11 +531,11 @@ class ClassicalMasker:
     def _register(self, img: np.ndarray, exclude: np.ndarray, frames: Any) -> dict[str, Any]:
         """Sun offset of up to ``motion_frames`` frames relative to the reference.
 
-        :func:`aiflat_local.motion.register_frames` (the motion flat's
-        registration: band-passed cross-correlation, then Gauss-Newton, on the
-        central 512 x 512 px) against the middle frame, one pass, *exclude*
-        left out (the strongest dark spots, so dust does not pull the estimate
-        towards zero); the shifts are then taken about their median. (Matching
+        :func:`._frames.register_sample`: the motion flat's registration
+        (band-passed cross-correlation, then Gauss-Newton, on the central
+        512 x 512 px) against the middle frame, one pass, *exclude* left out
+        (the strongest dark spots, so dust does not pull the estimate towards
+        zero); the shifts are then taken about their median. (Matching
         the median image instead, as this masker once did with its own
         correlation, is 10-100 times less accurate: the median is the Sun
         smeared by the motion. Against a frame: 0.005-0.015 px rms on the
@@ -546,36 +545,20 @@ class ClassicalMasker:
         says whether the motion is large enough (``motion_min_px`` rms) to tell
         dust from the Sun.
         """
-        from ..motion import register_frames
+        from ._frames import register_sample
 
-        n_total, get = _frame_source(frames)
-        info: dict[str, Any] = {"usable": False, "n_frames_read": 0}
-        out = {"info": info, "get": get}
-        if n_total < 3:
-            info["note"] = "fewer than 3 frames"
+        sample, info = register_sample(frames, img.shape, n_frames=self.motion_frames, exclude=exclude,
+                                       min_rms_px=self.motion_min_px)
+        out: dict[str, Any] = {"info": info}
+        if sample is None:
             return out
-        idx = np.unique(np.linspace(0, n_total - 1, min(n_total, int(self.motion_frames)))
-                        .round().astype(int))
-        first = get(int(idx[0]))
-        if first.shape != img.shape:
-            info["note"] = f"frame shape {first.shape} differs from the reference {img.shape}"
-            return out
-        reg = register_frames(_FrameView(n_total, get, img.shape), frame_indices=idx, rounds=0, crop_px=512,
-                              exclude=exclude)
-        shifts = reg.shifts - np.median(reg.shifts, axis=0)
-        scales = np.exp(np.median(reg.offsets) - reg.offsets)
-        spread = float(np.sqrt((shifts ** 2).sum(axis=1).mean()))
-        info.update(n_frames_read=int(idx.size), shift_rms_px=round(spread, 3))
-        if spread < self.motion_min_px:
-            info["note"] = (f"too little motion ({spread:.2f} px rms) to tell dust from "
-                            "solar features")
-        else:
-            info["usable"] = True
         binned = None
         fb = int(self.fixed_map_binning)
-        if fb > 0 and info["usable"]:
-            binned = np.stack([_block_mean(get(int(i)), fb) * np.float32(sc) for i, sc in zip(idx, scales)])
-        out.update(indices=idx, shifts=shifts, scales=scales, binned=binned)
+        if fb > 0:
+            binned = np.stack([_block_mean(sample.get(int(i)), fb) * np.float32(sc)
+                               for i, sc in zip(sample.indices, sample.scales)])
+        out.update(indices=sample.indices, shifts=sample.shifts, scales=sample.scales, get=sample.get,
+                   binned=binned)
         return out
 
     def _motion_check(self, labels, cores, objects, reg, rejected, dropped):
@@ -804,42 +787,6 @@ class ClassicalMasker:
 
 
 # --------------------------------------------------------------------------- motion
-def _frame_source(frames: Any):
-    """``(n_frames, get)`` for a SerReader-like object, an array ``(n, H, W)`` or a list.
-
-    ``get(i)`` returns frame *i* as float32 ``(H, W)``: RGB averaged, a Bayer
-    or CMY mosaic balanced like the reference (:func:`~aiflat_local.reference.balance_cfa`).
-    """
-    header = getattr(frames, "header", None)
-    color_id = int(getattr(header, "color_id", 0) or 0)
-    if hasattr(frames, "frame"):
-        n = int(getattr(frames, "n_frames", None) or len(frames))
-        fetch = frames.frame
-    else:
-        n = len(frames)
-        fetch = frames.__getitem__
-
-    def get(i: int) -> np.ndarray:
-        f = np.asarray(fetch(i), dtype=np.float32)
-        if f.ndim == 3:
-            f = f.mean(axis=2)
-        if color_id in (8, 9, 10, 11, 16, 17, 18, 19):
-            from ..reference import balance_cfa
-            f = balance_cfa(f, color_id)
-        return f
-
-    return n, get
-
-
-class _FrameView:
-    """The frames as :func:`aiflat_local.motion.register_frames` reads them (``get`` already mono, balanced)."""
-
-    def __init__(self, n_frames: int, get: Any, shape: tuple[int, int]) -> None:
-        self.n_frames = int(n_frames)
-        self.frame = get
-        self.height, self.width = int(shape[0]), int(shape[1])
-
-
 def _fourier_shifts(img: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     """``img`` shifted by each ``(dy, dx)`` of *shifts* (sub-pixel, Fourier), stacked.
 

@@ -345,59 +345,6 @@ def _objects(mask: np.ndarray, logits: np.ndarray) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- motion evidence
-def _frame_source(frames: Any):
-    """``(n_frames, get)`` for a SerReader-like object, an array ``(n, H, W)`` or a list.
-
-    ``get(i)`` is frame *i* as float32 ``(H, W)``: RGB averaged, a Bayer or
-    CMY mosaic balanced like the reference (:func:`~aiflat_local.reference.balance_cfa`).
-    """
-    from ..io.ser import MOSAIC_IDS
-
-    header = getattr(frames, "header", None)
-    color_id = int(getattr(header, "color_id", 0) or 0)
-    if hasattr(frames, "frame"):
-        n, fetch = int(frames.n_frames), frames.frame
-    else:
-        n, fetch = len(frames), frames.__getitem__
-
-    def get(i: int) -> np.ndarray:
-        f = np.asarray(fetch(i), dtype=np.float32)
-        if f.ndim == 3:
-            f = f.mean(axis=2)
-        if color_id in MOSAIC_IDS:
-            from ..reference import balance_cfa
-
-            f = balance_cfa(f, color_id)
-        return f
-
-    return n, get
-
-
-def _bandpass(img: np.ndarray, exclude: np.ndarray) -> np.ndarray:
-    """Relative band-pass (Gaussian 1.5 px over 8 px, minus 1), *exclude* zeroed, Hann-tapered."""
-    num = ndimage.gaussian_filter(img, 1.5)
-    den = ndimage.gaussian_filter(img, 8.0)
-    bp = np.clip(num / np.maximum(den, 1e-12) - 1.0, -0.5, 0.5)
-    bp[exclude] = 0.0
-    return (bp * np.hanning(img.shape[0])[:, None] * np.hanning(img.shape[1])[None, :]).astype(np.float32)
-
-
-def _xcorr_shift(ref_f: np.ndarray, img_bp: np.ndarray, max_shift: int) -> tuple[float, float]:
-    """Sub-pixel ``(dy, dx)`` with ``img(x) ~ ref(x - d)``: cross-correlation peak, parabolic refinement."""
-    corr = np.fft.fftshift(np.fft.irfft2(np.fft.rfft2(img_bp) * np.conj(ref_f), s=img_bp.shape))
-    cy, cx = corr.shape[0] // 2, corr.shape[1] // 2
-    win = corr[cy - max_shift:cy + max_shift + 1, cx - max_shift:cx + max_shift + 1]
-    py, px = np.unravel_index(int(np.argmax(win)), win.shape)
-
-    def parabola(a: float, b: float, c: float) -> float:
-        den = a - 2 * b + c
-        return 0.0 if den >= 0 else 0.5 * (a - c) / den
-
-    dy = parabola(*win[py - 1:py + 2, px]) if 0 < py < win.shape[0] - 1 else 0.0
-    dx = parabola(*win[py, px - 1:px + 2]) if 0 < px < win.shape[1] - 1 else 0.0
-    return py - max_shift + dy, px - max_shift + dx
-
-
 def _sun_coupling(stack: np.ndarray, shifts: np.ndarray, support: np.ndarray, smooth_px: float) -> float:
     """How much of an object's shape moves with the Sun: ~0 fixed to the sensor, ~1 moving with the Sun.
 
@@ -435,7 +382,7 @@ class Registration:
     ----------
     stack : numpy.ndarray
         float32 ``(n, H, W)``: the frames, sensor orientation, as
-        :func:`_frame_source` gives them.
+        :func:`._frames.frame_source` gives them.
     shifts : numpy.ndarray
         ``(n, 2)`` ``(dy, dx)`` px, median-centred: frame ``k`` shows the Sun
         at ``x - shifts[k]`` of where their median shows it.
@@ -453,42 +400,25 @@ class Registration:
 
 def register_frames(frames: Any, labels: np.ndarray, *, n_frames: int = 16, min_rms_px: float = 0.7
                     ) -> tuple[Registration | None, dict[str, Any]]:
-    """Read up to *n_frames* evenly spaced frames and measure the Sun's motion.
+    """Read up to *n_frames* evenly spaced frames and measure the Sun's motion in them.
 
-    The frames are registered on a central crop (<= 512 px; band-passed
-    cross-correlation, the objects of *labels* left out). Returns
-    ``(registration, info)``; the registration is None (and ``info["note"]``
-    says why) with fewer than 3 frames, frames of another shape than
-    *labels*, or an rms motion below *min_rms_px* (the frames cannot tell
-    dust from the Sun then).
+    :func:`._frames.register_sample` (the motion flat's registration, the
+    objects of *labels* left out so that they do not pull the shifts towards
+    zero). Returns ``(registration, info)``; the registration is None (and
+    ``info["note"]`` says why) with fewer than 3 frames, frames of another
+    shape than *labels*, or an rms motion below *min_rms_px* (the frames
+    cannot tell dust from the Sun then).
     """
-    info: dict[str, Any] = {"used": False}
-    n_total, get = _frame_source(frames)
-    if n_total < 3:
-        info["note"] = "fewer than 3 frames"
+    from ._frames import register_sample
+
+    sample, info = register_sample(frames, labels.shape, n_frames=n_frames, exclude=labels > 0,
+                                   min_rms_px=min_rms_px)
+    info = {k: v for k, v in info.items() if k != "usable"}
+    info["used"] = False
+    if sample is None:
         return None, info
-    idx = np.unique(np.linspace(0, n_total - 1, min(n_total, max(3, n_frames))).round().astype(int))
-    first = get(int(idx[0]))
-    if first.shape != labels.shape:
-        info["note"] = f"frame shape {first.shape} differs from the reference {labels.shape}"
-        return None, info
-    h, w = labels.shape
-    ch, cw = min(h, 512), min(w, 512)
-    y0, x0 = (h - ch) // 2, (w - cw) // 2
-    crop = (slice(y0, y0 + ch), slice(x0, x0 + cw))
-    exclude = ndimage.binary_dilation(labels[crop] > 0, iterations=4)
-    stack = np.stack([first] + [get(int(i)) for i in idx[1:]])
-    ref_img = np.median(stack[:, crop[0], crop[1]], axis=0)
-    ref_f = np.fft.rfft2(_bandpass(ref_img, exclude))
-    max_shift = max(2, min(ch, cw) // 4)
-    shifts = np.array([_xcorr_shift(ref_f, _bandpass(f[crop], exclude), max_shift) for f in stack])
-    shifts -= np.median(shifts, axis=0)
-    rms = float(np.sqrt((shifts ** 2).sum(axis=1).mean()))
-    info.update(n_frames_read=len(idx), shift_rms_px=round(rms, 3))
-    if rms < min_rms_px:
-        info["note"] = f"too little motion ({rms:.2f} px rms) to tell dust from solar features"
-        return None, info
-    return Registration(stack, shifts, idx, rms), info
+    stack = np.stack([sample.get(int(i)) for i in sample.indices])
+    return Registration(stack, sample.shifts, sample.indices, sample.rms_px), info
 
 
 def _object_patch(stack: np.ndarray, sl: tuple[slice, slice], reach: int) -> tuple[np.ndarray, tuple[slice, slice]]:
