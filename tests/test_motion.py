@@ -288,9 +288,10 @@ def test_motion_masker_falls_back_without_motion():
     scene, frames = _video(drift_px=0.0, jitter_px=0.0, seed=2)
     reference = np.median(frames, axis=0).astype(np.float32)
     result = MASKERS.create("motion")(reference, frames=frames)
-    classical = MASKERS.create("classical")(reference)
+    appearance = MASKERS.create("dustnet")(reference, frames=frames)  # the default appearance masker
     assert result.params["motion"]["used"] is False and "barely moves" in result.params["motion"]["reason"]
-    assert np.array_equal(result.mask, classical.mask)
+    assert result.params["fallback"]["backend"] == "dustnet"
+    assert np.array_equal(result.mask, appearance.mask)
     single = MASKERS.create("motion")(reference)
     assert single.params["motion"]["used"] is False and "single image" in single.params["motion"]["reason"]
 

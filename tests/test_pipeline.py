@@ -32,7 +32,10 @@ def dusty_frames(n, h, w, seed, planes=None, cfa=False):
 def test_colour_videos_get_one_per_pixel_flat(tmp_path, kind):
     frames, dust = dusty_frames(7, 72, 96, seed=1, planes=kind == "rgb", cfa=kind == "bayer")
     write_ser(tmp_path / "v.ser", frames, color_id=100 if kind == "rgb" else 8)
-    report = run(tmp_path / "v.ser", tmp_path / "out", RunOptions(progress=False))
+    # The smooth sinusoidal "Sun" has no fine texture to register on, so the motion route falls back to
+    # appearance; the Gaussian blobs are not shaped like the simulator's shadows dustnet learned, so the
+    # classical masker is named here (this test is about colour handling).
+    report = run(tmp_path / "v.ser", tmp_path / "out", RunOptions(progress=False, masker="classical"))
     flat, _ = read_image(tmp_path / "out" / "flat.fits")
     assert flat.shape == (72, 96)
     mask = read_mask(tmp_path / "out" / "mask.png")

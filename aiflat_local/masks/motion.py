@@ -5,7 +5,7 @@ flat from all frame pairs (:func:`aiflat_local.motion.motion_flat`) and masks
 where that flat departs from 1 beyond its noise
 (:func:`aiflat_local.motion.evidence_mask`). Sunspots, pores and filaments move
 with the Sun, so they are not in the motion flat and are not masked. Objects
-that an appearance masker (``confirm``, default ``classical``) finds in the
+that an appearance masker (``confirm``, default ``dustnet``) finds in the
 temporal median are added when the motion evidence confirms them: their
 darkening is fixed to the sensor (stationarity at least
 ``confirm_stationarity``) and significant (``confirm_sigma``); where the
@@ -65,7 +65,7 @@ class MotionMasker:
 
     def __init__(self, *, max_frames: int = 48, seed_sigma: float = 5.0, grow_sigma: float = 3.0,
                  min_depth: float = 0.003, grow_depth: float = 0.002, min_area_px: int = 4,
-                 min_stationarity: float = 0.1, confirm: str | None = "classical", confirm_sigma: float = 3.0,
+                 min_stationarity: float = 0.1, confirm: str | None = "dustnet", confirm_sigma: float = 3.0,
                  confirm_stationarity: float = 0.5, device: str = "cpu", progress: bool = False,
                  motion: Any = None) -> None:
         self.max_frames = int(max_frames)
@@ -80,6 +80,11 @@ class MotionMasker:
         self.confirm_stationarity = float(confirm_stationarity)
         self.device = device
         self.progress = bool(progress)
+        # built now, so that missing weights or packages fail before any work
+        self._appearance_masker = None
+        if self.confirm:
+            options = {"device": device} if MASKERS.accepts(self.confirm, "device") else {}
+            self._appearance_masker = MASKERS.create(self.confirm, **options)
         self._given = motion
         self.motion = motion
 
@@ -135,7 +140,7 @@ class MotionMasker:
         params["motion"] = info
         if not self.confirm:
             return MaskResult(mask=np.zeros(reference.shape, dtype=np.float32), params=params, objects=[])
-        result = _appearance(self.confirm, reference, frames)
+        result = _appearance(self._appearance_masker, reference, frames)
         params["fallback"] = {"backend": self.confirm, "params": result.params}
         return MaskResult(mask=result.mask, params=params, objects=result.objects)
 
@@ -144,7 +149,7 @@ class MotionMasker:
         """Add the appearance masker's objects that the motion evidence confirms."""
         from ..motion import stationarity
 
-        result = _appearance(self.confirm, reference, frames)
+        result = _appearance(self._appearance_masker, reference, frames)
         lab, n = ndimage.label(result.binary, structure=_EIGHT)
         added: list[dict[str, Any]] = []
         n_overlap = n_rejected = n_unsupported = n_confirmed = 0
@@ -199,7 +204,7 @@ def _describe_object(obj: np.ndarray, sl: tuple[slice, slice], gains: np.ndarray
     }
 
 
-def _appearance(name: str, reference: np.ndarray, frames: Any) -> MaskResult:
-    """The appearance masker's result, given the frames too (``classical`` uses them to drop objects that
-    move with the Sun)."""
-    return MASKERS.create(name)(reference, frames=frames)
+def _appearance(masker: Any, reference: np.ndarray, frames: Any) -> MaskResult:
+    """The appearance masker's result, given the frames too (``dustnet`` and ``classical`` use them to drop
+    objects that move with the Sun)."""
+    return masker(reference, frames=frames)
