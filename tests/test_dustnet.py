@@ -222,33 +222,31 @@ def test_extent_mask_never_drops_an_object():
     assert not out[labels == 0].any()
 
 
-def test_refine_with_frames_finds_the_true_extent(rng):
-    """A shadow on the sensor under a moving textured Sun: the frames give its extent to the pixel."""
-    from scipy import ndimage
+def test_refine_with_motion_measures_the_extent_and_never_drops_an_object(rng):
+    """A shadow with a bright rim, a gain known to 0.1 %: the extent is the 1 % footprint, rim included."""
+    from types import SimpleNamespace
 
-    from aiflat_local.masks.dustnet import Registration, refine_with_frames, sensor_attenuation
+    from aiflat_local.masks.dustnet import refine_with_motion
 
-    h, w, n = 64, 64, 12
-    sun = 1000 * (1 + 0.06 * ndimage.gaussian_filter(rng.standard_normal((h + 20, w + 20)), 1.5) / 0.2)
+    h, w = 64, 64
     yy, xx = np.mgrid[:h, :w]
     r = np.hypot(yy - 32, xx - 30)
-    flat = np.where(r < 6, 0.7, np.where(r < 8, 1 - 0.3 * (8 - r) / 2, 1.0)).astype(np.float32)
-    shifts = np.column_stack([3 * np.sin(np.arange(n)), 3 * np.cos(1.3 * np.arange(n))])
-    shifts -= np.median(shifts, axis=0)
-    stack = np.stack([ndimage.shift(sun, d, order=3)[10:10 + h, 10:10 + w] * flat for d in shifts]).astype(np.float32)
+    flat = np.where(r < 6, 0.7, np.where(r < 8, 1 - 0.3 * (8 - r) / 2, 1.0))
+    flat = np.where((r >= 8) & (r < 9.5), 1.02, flat)  # the bright rim
+    gain = (flat * (1 + 0.001 * rng.standard_normal((h, w)))).astype(np.float32)
+    support = np.ones((h, w), bool)
     truth = np.abs(flat - 1) > 0.01
-    att = sensor_attenuation(stack, shifts)
-    inner = (r > 12) & (np.minimum(yy, xx) > 6) & (np.maximum(yy, xx) < 58)  # away from the patch border
-    assert np.percentile(np.abs(att - flat)[inner], 99) < 0.01  # the 6 % texture is divided out
-    detection = (r < 5.5).astype(np.int32)  # the network's detection: smaller than the shadow
-    reg = Registration(stack, shifts, np.arange(n), float(np.sqrt((shifts ** 2).sum(1).mean())))
-    out, info = refine_with_frames(detection, detection > 0, reg, depth=0.01, grow_px=3)
-    assert np.count_nonzero(out ^ truth) <= 0.1 * truth.sum() and info["pixels_added"] > 0
-    assert np.count_nonzero(out & ~truth) <= 4
-    # no dust under a detection (a flat of 1): the detection is kept, never dropped
-    clean = stack / flat
-    out, _ = refine_with_frames(detection, detection > 0, Registration(clean, shifts, np.arange(n), 2.0))
-    assert out[detection > 0].all()
+    detection = (r < 7.5).astype(np.int32)  # the network's detection ...
+    core = r < 5.5  # ... and its confident core: smaller than the shadow
+    out, info = refine_with_motion(detection, core, SimpleNamespace(gain=gain, support=support), grow_px=6)
+    assert np.count_nonzero(out ^ truth) <= 0.05 * truth.sum() and info["pixels_added"] > 0
+    assert out[(r >= 8.2) & (r < 9.3)].all()  # the rim is part of the shadow's footprint
+    # where the motion says nothing (outside its support) the core is kept as it is
+    out, _ = refine_with_motion(detection, core, SimpleNamespace(gain=gain, support=np.zeros((h, w), bool)))
+    assert np.array_equal(out, core)
+    # no dust under a detection (a gain of 1): the detection is kept, never dropped
+    out, _ = refine_with_motion(detection, core, SimpleNamespace(gain=np.ones((h, w), np.float32), support=support))
+    assert out[core].all()
 
 
 def test_default_masker_for_images_is_dustnet(tmp_path, cli, small_video):

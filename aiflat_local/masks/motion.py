@@ -140,7 +140,7 @@ class MotionMasker:
         params["motion"] = info
         if not self.confirm:
             return MaskResult(mask=np.zeros(reference.shape, dtype=np.float32), params=params, objects=[])
-        result = _appearance(self._appearance_masker, reference, frames)
+        result = _appearance(self._appearance_masker, reference, frames, self.motion)
         params["fallback"] = {"backend": self.confirm, "params": result.params}
         return MaskResult(mask=result.mask, params=params, objects=result.objects)
 
@@ -149,7 +149,7 @@ class MotionMasker:
         """Add the appearance masker's objects that the motion evidence confirms."""
         from ..motion import stationarity
 
-        result = _appearance(self._appearance_masker, reference, frames)
+        result = _appearance(self._appearance_masker, reference, frames, mf)
         lab, n = ndimage.label(result.binary, structure=_EIGHT)
         added: list[dict[str, Any]] = []
         n_overlap = n_rejected = n_unsupported = n_confirmed = 0
@@ -204,7 +204,12 @@ def _describe_object(obj: np.ndarray, sl: tuple[slice, slice], gains: np.ndarray
     }
 
 
-def _appearance(masker: Any, reference: np.ndarray, frames: Any) -> MaskResult:
+def _appearance(masker: Any, reference: np.ndarray, frames: Any, motion: Any = None) -> MaskResult:
     """The appearance masker's result, given the frames too (``dustnet`` and ``classical`` use them to drop
-    objects that move with the Sun)."""
+    objects that move with the Sun) and the motion flat when it takes one (``dustnet`` measures its
+    objects' extent with it)."""
+    import inspect
+
+    if motion is not None and "motion" in inspect.signature(masker.__call__).parameters:
+        return masker(reference, frames=frames, motion=motion)
     return masker(reference, frames=frames)
