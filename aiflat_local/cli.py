@@ -114,8 +114,8 @@ def cli() -> None:
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(path_type=Path),
               help="Output directory (created if missing).")
 @click.option("--masker", default="auto", show_default=True,
-              help="Dust masker backend; auto = motion for a video (falls back to classical when the frames "
-                   "do not move), dustnet (the shipped learned model, weights/dustnet) for an image.")
+              help="Dust masker backend; auto = motion for a video (dustnet's objects added where the motion "
+                   "confirms them; dustnet alone when the frames do not move), dustnet (the shipped learned model, weights/dustnet) for an image.")
 @click.option("--flat-method", type=click.Choice(["auto", "motion", "inpaint"]), default="auto", show_default=True,
               help="Video flats: from the frames' motion (auto: when they move enough) or from the inpainted median.")
 @click.option("--motion-frames", type=click.IntRange(min=2), default=48, show_default=True,
