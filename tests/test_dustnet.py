@@ -249,6 +249,28 @@ def test_refine_with_motion_measures_the_extent_and_never_drops_an_object(rng):
     assert out[core].all()
 
 
+def test_sensor_fixed_keeps_what_the_motion_flat_shows_and_nothing_else():
+    """An object the shape test would drop is kept when the motion flat shows its shadow; a pore is not."""
+    from types import SimpleNamespace
+
+    from aiflat_local.masks.dustnet import sensor_fixed
+
+    labels = np.zeros((40, 60), np.int32)
+    labels[5:9, 5:9] = 1  # a tiny deep dust shadow
+    labels[20:26, 30:36] = 2  # a pore: the motion flat is 1 under it
+    labels[30:34, 50:54] = 3  # a shadow outside the motion support
+    gain = np.ones(labels.shape, np.float32)
+    gain[5:9, 5:9] = 0.6
+    gain[30:34, 50:54] = 0.6
+    support = np.ones(labels.shape, bool)
+    support[28:, 45:] = False
+    motion = SimpleNamespace(gain=gain, support=support, sigma=np.full(labels.shape, 0.002, np.float32))
+    assert sensor_fixed(labels, [1, 2, 3], motion) == [1]
+    # a deficit within the noise is not evidence
+    noisy = SimpleNamespace(gain=gain, support=support, sigma=np.full(labels.shape, 0.2, np.float32))
+    assert sensor_fixed(labels, [1, 2, 3], noisy) == []
+
+
 def test_default_masker_for_images_is_dustnet(tmp_path, cli, small_video):
     """`run` and `mask` on a single image use the shipped dustnet model; videos keep the motion masker."""
     from aiflat_local.io import write_fits

@@ -14,7 +14,9 @@ object's extent is then narrowed to where the probability reaches
 ``extent_threshold`` (:func:`extent_mask`; the network's boundary is a little
 generous). With the video's frames, mask objects whose shape moves with the
 Sun (pores and small sunspots, which in one median image can look exactly
-like dust) are dropped (:func:`motion_filter`), and the extent of each
+like dust) are dropped (:func:`motion_filter`; unless the video's motion flat
+shows a sensor-fixed shadow under them, :func:`sensor_fixed`: tiny deep dust
+can fail the shape test), and the extent of each
 remaining object is measured from the video's motion flat
 (:func:`refine_with_motion`, :func:`aiflat_local.motion.motion_flat`: the eye
 says where, physics says how far).
@@ -286,27 +288,35 @@ class DustNetMasker:
         registration = None
         if frames is not None and self.motion_frames > 0 and n:
             registration, motion_info = register_frames(frames, labels, n_frames=self.motion_frames,
-                                                   min_rms_px=self.motion_min_px)
-            if registration is not None:
-                keep, coupling, motion_info = motion_filter(labels, n, frames, n_frames=self.motion_frames,
-                                                       max_coupling=self.max_sun_coupling,
-                                                       min_rms_px=self.motion_min_px, registration=registration)
-                labels = np.where(keep[labels], labels, 0)
+                                                        min_rms_px=self.motion_min_px)
+        usable_motion = None  # the video's motion flat, when the frames move and it is wanted
+        if registration is not None and self.refine_with_frames:
+            if motion is None:
+                from ..motion import motion_flat
+
+                motion = motion_flat(frames, max_frames=self.refine_frames, device=self.device)
+            if motion.used and motion.gain.shape == labels.shape:
+                usable_motion = motion
+            else:
+                refine = {"used": False, "note": motion.reason if not motion.used else "motion flat of another shape"}
+        if registration is not None:
+            keep, coupling, motion_info = motion_filter(labels, n, frames, n_frames=self.motion_frames,
+                                                        max_coupling=self.max_sun_coupling,
+                                                        min_rms_px=self.motion_min_px, registration=registration)
+            if usable_motion is not None:  # the motion flat shows a sensor-fixed shadow: dust, whatever the shape test
+                kept_back = sensor_fixed(labels, np.flatnonzero(~keep[1:]) + 1, usable_motion)
+                keep[kept_back] = True
+                motion_info["n_dropped"] -= len(kept_back)
+                motion_info["n_kept_by_motion_flat"] = len(kept_back)
+            labels = np.where(keep[labels], labels, 0)
         mask = labels > 0
         ext_cut = None
         if self.extent_threshold is not None and self.extent_threshold > self.threshold:
             ext_cut = math.log(self.extent_threshold / (1.0 - self.extent_threshold))
             mask = extent_mask(labels, logits, ext_cut)
-        if registration is not None and self.refine_with_frames and mask.any():
-            if motion is None:
-                from ..motion import motion_flat
-
-                motion = motion_flat(frames, max_frames=self.refine_frames, device=self.device)
-            if motion.used and motion.gain.shape == mask.shape:
-                mask, refine = refine_with_motion(labels, mask, motion, depth=self.refine_depth,
-                                                  grow_px=self.refine_grow_px)
-            else:
-                refine = {"used": False, "note": motion.reason if not motion.used else "motion flat of another shape"}
+        if usable_motion is not None and mask.any():
+            mask, refine = refine_with_motion(labels, mask, usable_motion, depth=self.refine_depth,
+                                              grow_px=self.refine_grow_px)
         objects = _objects(mask, logits)
         if coupling:  # each final object: the highest coupling of the detections it overlaps
             final, _ = ndimage.label(mask, structure=_EIGHT)
@@ -497,6 +507,27 @@ def motion_filter(labels: np.ndarray, n_labels: int, frames: Any, *, n_frames: i
             keep[k] = False
     info.update(used=True, n_tested=len(coupling), n_dropped=int(np.count_nonzero(~keep[1:])))
     return keep, coupling, info
+
+
+def sensor_fixed(labels: np.ndarray, ids: Any, motion: Any, *, min_deficit: float = 0.02,
+                 min_sigma: float = 5.0) -> list[int]:
+    """The objects among *ids* of *labels* under which the motion flat shows a sensor-fixed shadow.
+
+    An object qualifies when most of it lies inside ``motion.support`` and the
+    gain's 10th percentile there is darker than 1 by at least *min_deficit*
+    and by *min_sigma* times the gain's median noise (``motion.sigma``).
+    Sunspots and pores move with the Sun: the motion flat is 1 under them.
+    """
+    out = []
+    for k in ids:
+        obj = labels == int(k)
+        inside = obj & motion.support
+        if np.count_nonzero(inside) < 0.5 * np.count_nonzero(obj) or not inside.any():
+            continue
+        deficit = 1.0 - float(np.percentile(motion.gain[inside], 10))
+        if deficit >= min_deficit and deficit >= min_sigma * float(np.median(motion.sigma[inside])):
+            out.append(int(k))
+    return out
 
 
 def refine_with_motion(labels: np.ndarray, core: np.ndarray, motion: Any, *, depth: float = 0.01,
