@@ -102,7 +102,11 @@ def _masks_tables(d: dict) -> list[dict]:
     conditions = list(d["simulator"])
     tables.append({
         "title": f"simulator truth, all {len(conditions)} conditions pooled ({setup['size'][0]} x {setup['size'][1]} "
-                 f"x {setup['frames']} frames, seeds {setup['seeds']}; +frames: the masker also sees the frames)",
+                 f"x {setup['frames']} frames, seeds {setup['seeds']}; +frames: the masker also sees the frames). "
+                 "The truth is each shadow's extent where the true flat departs from 1 by more than 1 %; "
+                 "`motion` masks every pixel whose gain departs from 1 beyond its noise (down to about 0.2 %, "
+                 "which its flat corrects), so its masks are wider than that extent: IoU >10 % counts the "
+                 "difference against it, IoU all dust less",
         "columns": sim_cols, "rows": [row(n, p) for n, p in d["simulator_all_conditions"].items()]})
     maskers = list(d["simulator_all_conditions"])
     tables.append({
