@@ -745,12 +745,16 @@ def finish(model: Any, cfg: TrainConfig, out: str | os.PathLike, card: dict[str,
            log: Callable[[str], None] = print) -> dict[str, Any]:
     """Choose the threshold on the validation seeds, then score the held-out seeds; returns the card updated.
 
-    Held-out scoring is done twice: from the reference alone, and with the
-    video's frames (the masker's motion check,
-    :func:`~aiflat_local.masks.dustnet.motion_filter`, with its default settings).
+    The held-out seeds are scored through the masker a user gets
+    (:class:`~aiflat_local.masks.dustnet.DustNetMasker` with its default
+    settings: extent narrowing, and with the frames the motion check and the
+    extent from the motion flat), from the reference alone and with the
+    video's frames, and the network alone at the threshold for comparison.
     """
-    from .masks._dustnet_model import predict_logits, prepare_input
-    from .masks.dustnet import motion_filter
+    import tempfile
+
+    from .masks._dustnet_model import predict_logits, prepare_input, save_model
+    from .masks.dustnet import DustNetMasker
 
     model.eval()
     background_px = model.config.background_px
@@ -766,23 +770,25 @@ def finish(model: Any, cfg: TrainConfig, out: str | os.PathLike, card: dict[str,
     log(f"  -> threshold {threshold}")
     t_cal = time.perf_counter() - t0
 
-    def predict(ref: np.ndarray, frames: np.ndarray | None = None) -> np.ndarray:
-        mask = logits_fn(ref) >= cut
-        if frames is not None and mask.any():
-            labels, n = ndimage.label(mask, structure=_EIGHT)
-            keep, _, _ = motion_filter(labels, n, frames)
-            mask = keep[labels]
-        return mask
+    def raw(ref: np.ndarray) -> np.ndarray:
+        return logits_fn(ref) >= cut
 
     t0 = time.perf_counter()
     held_out = eval_configs(cfg.eval_seeds, cfg.eval_size, cfg.eval_frames)
-    metrics = {}
-    for key, with_frames in (("reference_only", False), ("with_frames", True)):
-        log(f"held-out seeds {list(cfg.eval_seeds)}, {key.replace('_', ' ')}:")
-        metrics[key] = evaluate_on_simulator(predict, held_out, log, with_frames=with_frames)
-        p = metrics[key]["pooled"]
-        log(f"  pooled: IoU deep {p['iou_deep']:.3f}, recall deep {p['recall_deep']:.3f}, "
-            f"dark features masked {p['dark_features_masked']:.3f}")
+    with tempfile.TemporaryDirectory(prefix="dustnet-finish-") as tmp:
+        save_model(model, tmp, {"threshold": threshold})
+        masker = DustNetMasker(model=tmp)  # what a user gets: the shipped masker's default settings
+        metrics: dict[str, Any] = {"masker_settings": {k: v for k, v in masker.params().items()
+                                                       if k not in ("architecture", "sha256", "model")}}
+        runs = (("reference_only", lambda r: masker(r).binary, False),
+                ("with_frames", lambda r, f: masker(r, frames=f).binary, True),
+                ("network_alone", raw, False))
+        for key, predict, with_frames in runs:
+            log(f"held-out seeds {list(cfg.eval_seeds)}, {key.replace('_', ' ')}:")
+            metrics[key] = evaluate_on_simulator(predict, held_out, log, with_frames=with_frames)
+            p = metrics[key]["pooled"]
+            log(f"  pooled: IoU deep {p['iou_deep']:.3f}, recall deep {p['recall_deep']:.3f}, "
+                f"dark features masked {p['dark_features_masked']:.3f}")
     card = dict(card)
     card["threshold"] = threshold
     card["threshold_calibration"] = {"seeds": list(cfg.validation_seeds), "rule": "highest threshold with deep-dust "
