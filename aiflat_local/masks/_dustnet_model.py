@@ -355,11 +355,17 @@ def save_model(model: DustUNet, directory: str | Path, card: dict[str, Any] | No
     out["architecture"] = model.config.to_dict()
     out["n_parameters"] = n_parameters(model)
     out["files"] = {WEIGHTS_FILE: {"sha256": sha256_file(path), "bytes": path.stat().st_size}}
+    return write_card(directory, out)
+
+
+def write_card(directory: str | Path, card: dict[str, Any]) -> dict[str, Any]:
+    """Write *card* as ``card.json`` into *directory* (renamed into place when complete); return it."""
+    directory = Path(directory)
     tmp_card = directory / (CARD_FILE + ".part")
-    tmp_card.write_text(json.dumps(out, indent=1))
+    tmp_card.write_text(json.dumps(card, indent=1))
     tmp_card.replace(directory / CARD_FILE)
     _normal_permissions(directory / CARD_FILE)
-    return out
+    return card
 
 
 def _normal_permissions(path: Path) -> None:
