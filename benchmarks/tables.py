@@ -21,6 +21,9 @@ from the JSON; `python -m benchmarks --smoke` runs tiny versions (CI does); `pyt
 --table` only rebuilds this page. Every figure below comes from the committed results file named
 in its section, produced by the command shown there. The GPU section (`gpu`) appears when
 `benchmarks/gpu.py` has been run on a machine with CUDA; without CUDA it writes nothing.
+`benchmarks/masks.py` also cuts the places where a masker and the cloud mask disagree into a contact
+sheet, `results/sheets/masks_<image>.png`, for a person to judge; it is not committed (it holds
+crops of the input images).
 """
 
 
