@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -302,7 +301,7 @@ class DustNetMasker:
         if registration is not None:
             keep, coupling, motion_info = motion_filter(labels, n, frames, n_frames=self.motion_frames,
                                                         max_coupling=self.max_sun_coupling,
-                                                        min_rms_px=self.motion_min_px, registration=registration)
+                                                        min_rms_px=self.motion_min_px, sample=registration)
             if usable_motion is not None:  # the motion flat shows a sensor-fixed shadow: dust, whatever the shape test
                 kept_back = sensor_fixed(labels, np.flatnonzero(~keep[1:]) + 1, usable_motion)
                 keep[kept_back] = True
@@ -406,37 +405,13 @@ def _sun_coupling(stack: np.ndarray, shifts: np.ndarray, support: np.ndarray, sm
         return 0.0
 
 
-@dataclass
-class Registration:
-    """Evenly spaced frames of a video and the Sun's motion in them.
-
-    Attributes
-    ----------
-    stack : numpy.ndarray
-        float32 ``(n, H, W)``: the frames, sensor orientation, as
-        :func:`._frames.frame_source` gives them.
-    shifts : numpy.ndarray
-        ``(n, 2)`` ``(dy, dx)`` px, median-centred: frame ``k`` shows the Sun
-        at ``x - shifts[k]`` of where their median shows it.
-    indices : numpy.ndarray
-        The frame numbers read.
-    rms_px : float
-        Root-mean-square of the shifts (px).
-    """
-
-    stack: np.ndarray
-    shifts: np.ndarray
-    indices: np.ndarray
-    rms_px: float
-
-
 def register_frames(frames: Any, labels: np.ndarray, *, n_frames: int = 16, min_rms_px: float = 0.7
-                    ) -> tuple[Registration | None, dict[str, Any]]:
-    """Read up to *n_frames* evenly spaced frames and measure the Sun's motion in them.
+                    ) -> tuple[Any, dict[str, Any]]:
+    """Up to *n_frames* evenly spaced frames and the Sun's motion in them, *labels*' objects left out.
 
-    :func:`._frames.register_sample` (the motion flat's registration, the
-    objects of *labels* left out so that they do not pull the shifts towards
-    zero). Returns ``(registration, info)``; the registration is None (and
+    :func:`._frames.register_sample` (the motion flat's registration; the
+    objects are left out so that they do not pull the shifts towards zero).
+    Returns ``(sample, info)``: a :class:`._frames.FrameSample`, or None (and
     ``info["note"]`` says why) with fewer than 3 frames, frames of another
     shape than *labels*, or an rms motion below *min_rms_px* (the frames
     cannot tell dust from the Sun then).
@@ -447,34 +422,45 @@ def register_frames(frames: Any, labels: np.ndarray, *, n_frames: int = 16, min_
                                    min_rms_px=min_rms_px)
     info = {k: v for k, v in info.items() if k != "usable"}
     info["used"] = False
-    if sample is None:
-        return None, info
-    stack = np.stack([sample.get(int(i)) for i in sample.indices])
-    return Registration(stack, sample.shifts, sample.indices, sample.rms_px), info
+    return sample, info
 
 
-def _object_patch(stack: np.ndarray, sl: tuple[slice, slice], reach: int) -> tuple[np.ndarray, tuple[slice, slice]]:
-    """The frames around one object (bounding box *sl* grown by *reach*), brought to a common level."""
-    h, w = stack.shape[1:]
-    ya, yb = max(sl[0].start - reach, 0), min(sl[0].stop + reach, h)
-    xa, xb = max(sl[1].start - reach, 0), min(sl[1].stop + reach, w)
-    patch = stack[:, ya:yb, xa:xb].astype(np.float32)
-    level = np.median(patch, axis=(1, 2), keepdims=True)
-    patch = patch * (np.median(level) / np.maximum(level, 1e-12))  # transparency changes
-    return patch, (slice(ya, yb), slice(xa, xb))
+def _object_patches(labels: np.ndarray, sample: Any, reach: int) -> list[tuple[int, np.ndarray, tuple[slice, slice]]]:
+    """``(label, frames around it (n, h, w), window)`` for every object of *labels*.
+
+    Each frame of *sample* is read once and only the windows (the objects'
+    bounding boxes grown by *reach*) are kept; each object's frames are
+    brought to a common level (transparency changes).
+    """
+    h, w = labels.shape
+    windows = []
+    for k, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is not None:
+            windows.append((k, (slice(max(sl[0].start - reach, 0), min(sl[0].stop + reach, h)),
+                                slice(max(sl[1].start - reach, 0), min(sl[1].stop + reach, w)))))
+    crops: list[list[np.ndarray]] = [[] for _ in windows]
+    for i in sample.indices:
+        frame = sample.get(int(i))
+        for crop, (_, win) in zip(crops, windows):
+            crop.append(frame[win])
+    out = []
+    for crop, (k, win) in zip(crops, windows):
+        patch = np.stack(crop).astype(np.float32)
+        level = np.median(patch, axis=(1, 2), keepdims=True)
+        out.append((k, patch * (np.median(level) / np.maximum(level, 1e-12)), win))
+    return out
 
 
 def motion_filter(labels: np.ndarray, n_labels: int, frames: Any, *, n_frames: int = 16,
-                  max_coupling: float = 0.85, min_rms_px: float = 0.7,
-                  registration: Registration | None = None
+                  max_coupling: float = 0.85, min_rms_px: float = 0.7, sample: Any = None
                   ) -> tuple[np.ndarray, dict[int, float], dict[str, Any]]:
     """Tell dust (fixed to the sensor) from solar features (moving with the Sun) using the frames.
 
     Up to *n_frames* evenly spaced frames are registered
-    (:func:`register_frames`; or *registration*, already made for these
-    *labels*, is used and *frames* is not read), then for each object of
-    *labels* the frames around it give its :func:`_sun_coupling`. Objects
-    above *max_coupling* are dropped.
+    (:func:`register_frames`; or *sample*, already registered for these
+    *labels*, is used), then for each object of *labels* the frames around it
+    give its :func:`_sun_coupling`. Objects above *max_coupling* are dropped.
+    Only the objects' surroundings are kept in memory, one frame read at a time.
 
     Returns ``(keep, coupling, info)``: boolean per label (index 0 unused),
     the coupling per tested label, and what was done (``used``,
@@ -485,19 +471,15 @@ def motion_filter(labels: np.ndarray, n_labels: int, frames: Any, *, n_frames: i
     keep[0] = False
     if n_labels == 0:
         return keep, {}, {"used": False, "note": "no object"}
-    if registration is None:
-        registration, info = register_frames(frames, labels, n_frames=n_frames, min_rms_px=min_rms_px)
-        if registration is None:
+    if sample is None:
+        sample, info = register_frames(frames, labels, n_frames=n_frames, min_rms_px=min_rms_px)
+        if sample is None:
             return keep, {}, info
-    reg = registration
-    info = {"used": False, "n_frames_read": len(reg.indices), "shift_rms_px": round(reg.rms_px, 3)}
-    stack, shifts = reg.stack, reg.shifts
+    info = {"used": False, "n_frames_read": len(sample.indices), "shift_rms_px": round(sample.rms_px, 3)}
+    shifts = sample.shifts
     reach = int(np.ceil(2 * np.abs(shifts).max())) + 4
     coupling: dict[int, float] = {}
-    for k, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        patch, win = _object_patch(stack, sl, reach)
+    for k, patch, win in _object_patches(labels, sample, reach):
         own = labels[win] == k
         support = ndimage.binary_dilation(own, iterations=2)
         diameter = 2.0 * np.sqrt(own.sum() / np.pi)
