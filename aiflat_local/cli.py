@@ -143,7 +143,6 @@ def run(input_path, outdir, masker, flat_method, motion_frames, mask_path, inpai
         ensemble, inpaint_seed, reroll, inpaint_batch_size, dtype, expand_px, sigma_px, frame_start, frame_stop, frame_step, max_memory_mb,
         device, tiff_scale, no_calibrate, quiet):
     """Build a dust flat for INPUT (a SER video or an image) and calibrate it."""
-    from .flat import FlatParams
     from .pipeline import RunOptions, run as run_pipeline
 
     masker_options, inpainter_options = _collect_backend_options(
@@ -190,31 +189,44 @@ def reference(video, output, start, stop, step, max_memory_mb, quiet):
 @cli.command()
 @click.argument("image", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output PNG (255 = dust).")
-@click.option("--masker", default="dustnet", show_default=True,
-              help="Dust masker backend: dustnet (the shipped learned model, weights/dustnet, checksum "
-                   "verified), classical (no weights), sam, ...")
+@click.option("--masker", default="auto", show_default=True,
+              help="Dust masker backend; auto = motion for a SER video (its frames are used, as by `run`), "
+                   "dustnet (the shipped learned model, weights/dustnet, checksum verified) for an image; "
+                   "classical needs no weights; sam, ...")
 @_backend_options
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 def mask(image, output, masker, masker_option, sam_model, device):
-    """Detect dust in IMAGE (FITS/TIFF/PNG/JPEG/XISF, or a SER's median) and write the mask."""
+    """Detect dust in IMAGE (FITS/TIFF/PNG/JPEG/XISF, or a SER video: its median and frames) and write the mask."""
+    from contextlib import nullcontext
+
     from .io import detect_format, read_image, write_mask
     from .masks import MASKERS
     from .pipeline import to_mono
 
-    if detect_format(image) == "ser":
-        from .io.ser import SerReader
-        from .reference import temporal_median
-
-        with SerReader(image) as reader:
-            ref = temporal_median(reader, progress=True)
-    else:
-        ref, _ = read_image(image)
+    video = detect_format(image) == "ser"
+    if masker == "auto":
+        masker = "motion" if video else "dustnet"
     options, _ = _collect_backend_options(masker_option, sam_model)
-    if MASKERS.info(masker).needs_weights:
+    if MASKERS.accepts(masker, "device"):
         options.setdefault("device", device)
-    result = MASKERS.create(masker, **options)(to_mono(ref))
+    backend = MASKERS.create(masker, **options)  # before the median: missing weights fail fast
+    if video:
+        from .io.ser import SerReader
+        from .reference import balance_cfa, temporal_median
+
+        context = SerReader(image)
+    else:
+        context = nullcontext()
+    with context as reader:
+        if video:
+            ref = to_mono(temporal_median(reader, progress=True))
+            if reader.is_mosaic:
+                ref = balance_cfa(ref, reader.header.color_id)
+        else:
+            ref = to_mono(read_image(image)[0])
+        result = backend(ref, frames=reader)
     write_mask(output, result.binary, protect=(image,))
-    _log(f"wrote {output}: {int(result.binary.sum())} dust pixels")
+    _log(f"wrote {output}: {int(result.binary.sum())} dust pixels ({masker})")
 
 
 @cli.command()

@@ -58,6 +58,17 @@ def test_run_on_image_writes_calibrated_fits(tmp_path, cli, small_video):
     assert info.dtype == "uint16" and cal.shape == frame.shape
 
 
+def test_mask_of_a_video_uses_its_frames_like_run(tmp_path, small_video, cli):
+    """`mask VIDEO.ser` picks the motion masker and gives the mask `run` gives."""
+    from aiflat_local.io import read_mask
+
+    code, _, err = cli("mask", small_video.video, "-o", tmp_path / "mask.png")
+    assert code == 0 and "(motion)" in err, err
+    code, _, err = cli("run", small_video.video, "-o", tmp_path / "out", "--quiet", "--no-calibrate")
+    assert code == 0, err
+    assert np.array_equal(read_mask(tmp_path / "mask.png"), read_mask(tmp_path / "out" / "mask.png"))
+
+
 def test_reference_mask_compare_calibrate_commands(tmp_path, small_video, cli):
     code, _, err = cli("reference", small_video.video, "-o", tmp_path / "ref.fits", "--quiet")
     assert code == 0, err
