@@ -779,7 +779,7 @@ def finish(model: Any, cfg: TrainConfig, out: str | os.PathLike, card: dict[str,
         save_model(model, tmp, {"threshold": threshold})
         masker = DustNetMasker(model=tmp)  # what a user gets: the shipped masker's default settings
         metrics: dict[str, Any] = {"masker_settings": {k: v for k, v in masker.params().items()
-                                                       if k not in ("architecture", "sha256", "model")}}
+                                                       if k not in ("architecture", "sha256", "model", "path")}}
         runs = (("reference_only", lambda r: masker(r).binary, False),
                 ("with_frames", lambda r, f: masker(r, frames=f).binary, True),
                 ("network_alone", raw, False))
@@ -805,6 +805,7 @@ def recalibrate(out: str | os.PathLike, cfg: TrainConfig, *, command: str = "",
     """Re-run :func:`finish` on a trained model in *out* (weights unchanged; the card is rewritten)."""
     import torch
 
+    from .errors import WeightsError
     from .masks._dustnet_model import CARD_FILE, WEIGHTS_FILE, load_model, write_card
     from .weights import sha256_file
 
@@ -812,7 +813,7 @@ def recalibrate(out: str | os.PathLike, cfg: TrainConfig, *, command: str = "",
     model = load_model(out)
     card = json.loads((Path(out) / CARD_FILE).read_text())
     if sha256_file(Path(out) / WEIGHTS_FILE) != card["files"][WEIGHTS_FILE]["sha256"]:
-        raise RuntimeError(f"{Path(out) / WEIGHTS_FILE} is not the file {Path(out) / CARD_FILE} describes")
+        raise WeightsError(f"{Path(out) / WEIGHTS_FILE} is not the file {Path(out) / CARD_FILE} describes")
     card = finish(model, cfg, out, card, log=log)
     card["calibration_command"] = command
     return write_card(out, card)  # the weights file is left as it is
@@ -922,6 +923,11 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         recalibrate(out, cfg, command=command, log=log)
     else:
         train(cfg, out, command=command, log=log)
+    from .weights import repin
+
+    manifest = repin(out)  # e.g. --out weights/dustnet: the store's pinned checksums follow the new files
+    if manifest is not None:
+        log(f"checksums of {Path(out).name} updated in {manifest}")
     return 0
 
 

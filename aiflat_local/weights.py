@@ -275,6 +275,34 @@ class WeightStore:
         return entry
 
 
+def repin(model_dir: str | os.PathLike) -> Path | None:
+    """Record the current sha256 of a store model's files in its manifest, after it was rebuilt here.
+
+    *model_dir* is a model folder of a weights store when its parent holds a
+    ``manifest.json`` with an entry whose ``path`` is the folder's name (for
+    example ``weights/dustnet`` after ``aiflat-local train --out weights/dustnet``):
+    the pinned checksums of that entry's files are replaced by the files' own.
+    Returns the manifest's path, or None when *model_dir* is not such a folder.
+    """
+    model_dir = Path(model_dir).resolve()
+    manifest = model_dir.parent / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{manifest}: unreadable weights manifest ({exc})") from None
+    entries = [e for e in data.get("models", []) if e.get("path") == model_dir.name]
+    if not entries:
+        return None
+    for entry in entries:
+        entry["files"] = {rel: sha256_file(model_dir / rel) for rel in entry.get("files", {})}
+    tmp = manifest.with_name(manifest.name + ".part")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, manifest)
+    return manifest
+
+
 def guess_kind(path: Path) -> str:
     """Guess a model's kind from its files (for `weights import`)."""
     if path.is_file():

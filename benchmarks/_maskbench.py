@@ -69,6 +69,7 @@ def contact_sheet(image: np.ndarray, masks: dict[str, np.ndarray], items: list[t
     from scipy import ndimage
 
     colours = {"cloud": (255, 40, 40), "dustnet": (40, 230, 40), "classical": (60, 120, 255)}
+    size = min(size, *image.shape[:2])  # small images: crops of the whole height or width
     cells = []
     for title, obj in items:
         cy, cx = obj["y"], obj["x"]

@@ -321,6 +321,35 @@ def test_a_user_store_without_dustnet_falls_back_to_the_shipped_model(tmp_path, 
         MASKERS.create("dustnet", weights_dir=str(store))
 
 
+def test_a_user_store_that_lists_dustnet_without_its_files_falls_back_too(tmp_path, monkeypatch):
+    """A copy of the shipped manifest in a store of the user's own (e.g. for SAM weights) keeps working."""
+    import shutil
+
+    from aiflat_local.weights import SHIPPED_DIRECTORY
+
+    store = tmp_path / "mine"
+    store.mkdir()
+    shutil.copy(SHIPPED_DIRECTORY / "manifest.json", store / "manifest.json")
+    monkeypatch.setenv("AIFLAT_WEIGHTS", str(store))
+    assert MASKERS.create("dustnet").directory.resolve() == (SHIPPED_DIRECTORY / "dustnet").resolve()
+
+
+def test_training_into_a_store_folder_repins_its_checksums(tmp_path):
+    """`train --out STORE/dustnet` (or --recalibrate) leaves a store that verifies and loads."""
+    from aiflat_local.weights import WeightStore, repin, sha256_file
+
+    store, _ = _tiny_store(tmp_path)
+    card = store / "dustnet" / "card.json"
+    card.write_text(card.read_text().replace("tiny random test model", "recalibrated"))
+    with pytest.raises(WeightsError, match="corrupted"):
+        WeightStore(store).require("dustnet")
+    assert repin(store / "dustnet") == (store / "manifest.json").resolve()
+    WeightStore(store).require("dustnet")  # verifies again
+    entry = json.loads((store / "manifest.json").read_text())["models"][0]
+    assert entry["files"]["card.json"] == sha256_file(card) and entry["licence"] == "MIT"
+    assert repin(tmp_path) is None  # not a store's model folder: nothing touched
+
+
 # --------------------------------------------------------------------------- loading code, tiny models
 def test_tiny_model_through_the_weights_store(tmp_path):
     import torch

@@ -206,3 +206,17 @@ def test_frames_without_motion_or_of_another_shape_fall_back(dusty):
     other = ClassicalMasker()(image, frames=Reader())
     assert "differs" in other.params["motion"]["note"]
     assert np.array_equal(other.binary, alone.binary)
+
+
+def test_frame_sample_of_more_than_48_frames_keeps_each_shift_with_its_frame():
+    """register_sample asks motion.register_frames for every sampled frame, not its default 48."""
+    from aiflat_local.masks._frames import register_sample
+    from aiflat_local.synth import SimConfig, make_scene, render_frame
+
+    scene = make_scene(SimConfig(height=96, width=128, n_frames=80, seed=5, n_dust=3, drift_px=6.0, jitter_px=2.0))
+    frames = np.stack([render_frame(scene, i) for i in range(80)])
+    sample, info = register_sample(frames, frames.shape[1:], n_frames=64)
+    assert sample is not None and info["n_frames_read"] == 64
+    assert len(sample.indices) == len(sample.shifts) == len(sample.scales) == 64
+    truth = scene.shifts[sample.indices] - np.median(scene.shifts[sample.indices], axis=0)
+    assert np.sqrt(np.mean((sample.shifts - truth) ** 2)) < 0.25

@@ -103,8 +103,9 @@ def register_sample(frames: Any, shape: tuple[int, int], *, n_frames: int, exclu
     if first.shape != tuple(shape):
         info["note"] = f"frame shape {first.shape} differs from the reference {tuple(shape)}"
         return None, info
-    reg = register_frames(FrameView(n_total, get, first.shape), frame_indices=idx, rounds=0, crop_px=512,
-                          exclude=exclude)
+    reg = register_frames(FrameView(n_total, get, first.shape), frame_indices=idx, max_frames=None, rounds=0,
+                          crop_px=512, exclude=exclude)
+    idx = np.asarray(reg.frame_indices)  # the frames the shifts belong to
     shifts = reg.shifts - np.median(reg.shifts, axis=0)
     scales = np.exp(np.median(reg.offsets) - reg.offsets)
     rms = float(np.sqrt((shifts ** 2).sum(axis=1).mean()))

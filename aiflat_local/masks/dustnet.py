@@ -188,10 +188,10 @@ class DustNetMasker:
         if any(sep in model for sep in ("/", "\\")) or model.endswith(".safetensors"):
             raise WeightsError(f"{model}: no such model directory")
         store = WeightStore(weights_dir)
-        if model not in store.models and weights_dir is None:
-            # a user store ($AIFLAT_WEIGHTS, ./weights) without the shipped model: use the shipped one
+        if weights_dir is None and (model not in store.models or store.status(model) != "present"):
+            # a user store ($AIFLAT_WEIGHTS, ./weights) without the shipped model's files: use the shipped one
             shipped = WeightStore(SHIPPED_DIRECTORY)
-            if model in shipped.models:
+            if model in shipped.models and shipped.status(model) == "present":
                 store = shipped
         entry = store.entry(model)
         if entry.get("kind") != KIND:
@@ -288,15 +288,15 @@ class DustNetMasker:
         if frames is not None and self.motion_frames > 0 and n:
             registration, motion_info = register_frames(frames, labels, n_frames=self.motion_frames,
                                                         min_rms_px=self.motion_min_px)
-        usable_motion = None  # the video's motion flat, when the frames move and it is wanted
-        if registration is not None and self.refine_with_frames:
-            if motion is None:
+        usable_motion = None  # the video's motion flat (given, or solved when the frames move), when wanted
+        if self.refine_with_frames and n:
+            if motion is None and registration is not None:
                 from ..motion import motion_flat
 
                 motion = motion_flat(frames, max_frames=self.refine_frames, device=self.device)
-            if motion.used and motion.gain.shape == labels.shape:
+            if motion is not None and motion.used and motion.gain.shape == labels.shape:
                 usable_motion = motion
-            else:
+            elif motion is not None:
                 refine = {"used": False, "note": motion.reason if not motion.used else "motion flat of another shape"}
         if registration is not None:
             keep, coupling, motion_info = motion_filter(labels, n, frames, n_frames=self.motion_frames,
