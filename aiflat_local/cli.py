@@ -201,7 +201,7 @@ def mask(image, output, masker, masker_option, sam_model, device):
 
     from .io import detect_format, read_image, write_mask
     from .masks import MASKERS
-    from .pipeline import to_mono
+    from .pipeline import masker_reference
 
     video = detect_format(image) == "ser"
     if masker == "auto":
@@ -212,18 +212,13 @@ def mask(image, output, masker, masker_option, sam_model, device):
     backend = MASKERS.create(masker, **options)  # before the median: missing weights fail fast
     if video:
         from .io.ser import SerReader
-        from .reference import balance_cfa, temporal_median
+        from .reference import temporal_median
 
         context = SerReader(image)
     else:
         context = nullcontext()
     with context as reader:
-        if video:
-            ref = to_mono(temporal_median(reader, progress=True))
-            if reader.is_mosaic:
-                ref = balance_cfa(ref, reader.header.color_id)
-        else:
-            ref = to_mono(read_image(image)[0])
+        ref = masker_reference(temporal_median(reader, progress=True) if video else read_image(image)[0], reader)
         result = backend(ref, frames=reader)
     write_mask(output, result.binary, protect=(image,))
     _log(f"wrote {output}: {int(result.binary.sum())} dust pixels ({masker})")

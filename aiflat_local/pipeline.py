@@ -78,6 +78,16 @@ def to_mono(image: np.ndarray) -> np.ndarray:
     return image.mean(axis=2, dtype=np.float64).astype(np.float32) if image.ndim == 3 else image
 
 
+def masker_reference(raw_reference: np.ndarray, reader: Any = None) -> np.ndarray:
+    """The reference a masker sees: mono (:func:`to_mono`), a Bayer/CMY mosaic balanced per CFA site."""
+    from .reference import balance_cfa
+
+    reference = to_mono(raw_reference)
+    if reader is not None and reader.is_mosaic:
+        reference = balance_cfa(reference, reader.header.color_id)
+    return reference
+
+
 class _Timer:
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
@@ -267,7 +277,7 @@ def run(input_path: str | os.PathLike, outdir: str | os.PathLike, options: RunOp
     corrected.png used by the HTML page).
     """
     from .calibrate import calibrate_image, calibrate_ser
-    from .reference import balance_cfa, temporal_median
+    from .reference import temporal_median
     from .io.ser import SerReader
     from .report import write_report_files
 
@@ -322,9 +332,8 @@ def run(input_path: str | os.PathLike, outdir: str | os.PathLike, options: RunOp
                                    "height": raw_reference.shape[0], "dtype": info.dtype,
                                    "channels": 1 if raw_reference.ndim == 2 else 3}
                 report["reference"] = {"method": "the input image itself", "n_frames_used": 1}
-            reference = to_mono(raw_reference)
+            reference = masker_reference(raw_reference, reader)
             if reader is not None and reader.is_mosaic:
-                reference = balance_cfa(reference, reader.header.color_id)
                 report["reference"]["cfa_balanced"] = True
 
         log(f"mask: {options.masker if not options.mask_path else options.mask_path}")

@@ -350,7 +350,8 @@ def _worker_init() -> None:
 
 
 # --------------------------------------------------------------------------- augmentation
-def _jpeg(img8: np.ndarray, quality: int) -> np.ndarray:
+def jpeg_round_trip(img8: np.ndarray, quality: int) -> np.ndarray:
+    """An 8-bit image saved as a JPEG of *quality* (Pillow) and decoded again, as float32."""
     from PIL import Image
 
     buf = io.BytesIO()
@@ -418,7 +419,7 @@ def augment_scene(scene: dict[str, Any], rng: np.random.Generator) -> tuple[np.n
         img8 = np.clip(np.rint(img * level), 0, 255).astype(np.uint8)
         if rng.random() < 0.75:
             q = int(rng.integers(40, 96))
-            img = _jpeg(img8, q)
+            img = jpeg_round_trip(img8, q)
             recipe["jpeg"] = q
         else:
             img = img8.astype(np.float32)

@@ -123,17 +123,11 @@ def _timed(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
 
 def _jpeg_reference(reference: np.ndarray, quality: int) -> np.ndarray:
     """The reference as a viewer would share it: scaled to 8 bits (minimum to 99.9th percentile), JPEG round trip."""
-    import io
-
-    from PIL import Image
+    from aiflat_local.train import jpeg_round_trip
 
     lo, hi = np.percentile(reference, [0.0, 99.9])
     img8 = np.clip((reference - lo) / max(hi - lo, 1e-6) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img8).save(buf, format="JPEG", quality=int(quality))
-    buf.seek(0)
-    with Image.open(buf) as im:
-        return np.asarray(im, dtype=np.float32)
+    return jpeg_round_trip(img8, quality)
 
 
 # --------------------------------------------------------------------------- simulator grid
